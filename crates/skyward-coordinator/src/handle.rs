@@ -1,0 +1,643 @@
+//! [`Pool`]: the user's handle on a running pool, with the dispatch API.
+
+use crate::node::{OutputLine, TaskSinks};
+use crate::pool::{PoolMsg, PoolShared};
+use crate::task_manager::{Done, Placement, TaskRequest, TaskStats, TmMsg};
+use futures::Stream;
+use ractor::ActorRef;
+use serde::de::DeserializeOwned;
+use skyward_function::{Call, StreamCall};
+use skyward_proto::codec;
+use skyward_proto::error::{RemoteError, TaskError};
+use skyward_proto::message::{CommandExit, CommandSpec, OutputStream, TaskId, TaskKind, WorkerFacts};
+use skyward_provider::{PoolContext, Provider};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Errors of dispatch and shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A task did not produce a value.
+    #[error("task {task} (`{function}`){} failed: {source}", rank.map(|r| format!(" on node {r}")).unwrap_or_default())]
+    Task {
+        /// Task id.
+        task: TaskId,
+        /// Function name, or the command line.
+        function: String,
+        /// Rank of the node it last ran on.
+        rank: Option<u32>,
+        /// Why.
+        #[source]
+        source: TaskError,
+    },
+    /// Arguments could not be encoded, or a result decoded.
+    #[error(transparent)]
+    Codec(RemoteError),
+    /// A command exited unsuccessfully.
+    #[error("command `{command}` on node {rank} {status}{}", if stderr_tail.is_empty() { String::new() } else { format!("; last stderr lines:\n{}", stderr_tail.join("\n")) })]
+    CommandFailed {
+        /// The command line.
+        command: String,
+        /// Rank of the node.
+        rank: u32,
+        /// How it ended, in words.
+        status: String,
+        /// Its last lines of standard error.
+        stderr_tail: Vec<String>,
+    },
+    /// Teardown did not complete.
+    #[error("pool shutdown: {0}")]
+    Shutdown(String),
+}
+
+impl Error {
+    /// The structured remote error, when a task failed on a node.
+    pub fn remote(&self) -> Option<&RemoteError> {
+        match self {
+            Error::Task { source: TaskError::Remote(e), .. } => Some(e),
+            Error::Codec(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The task error, when a task did not produce a value.
+    pub fn task_error(&self) -> Option<&TaskError> {
+        match self {
+            Error::Task { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// Pools alive in this process, for the Ctrl-C handler.
+static LIVE_POOLS: Mutex<Vec<(String, Arc<dyn Provider>, PoolContext)>> = Mutex::new(Vec::new());
+static SIGNAL_HANDLER: OnceLock<()> = OnceLock::new();
+
+fn install_signal_handler() {
+    SIGNAL_HANDLER.get_or_init(|| {
+        tokio::spawn(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                let pools: Vec<_> = LIVE_POOLS.lock().expect("live pools").drain(..).collect();
+                eprintln!("\nskyward: interrupted; tearing down {} pool(s)", pools.len());
+                for (pool_id, provider, ctx) in pools {
+                    provider.emergency_teardown(&ctx);
+                    eprintln!("skyward: pool {pool_id} torn down");
+                }
+                std::process::exit(130);
+            }
+        });
+    });
+}
+
+struct Inner {
+    shared: Arc<PoolShared>,
+    tm: ActorRef<TmMsg>,
+    actor: OnceLock<ActorRef<PoolMsg>>,
+    endpoint: quinn::Endpoint,
+    acceptor: tokio::task::JoinHandle<()>,
+    next_task: AtomicU64,
+    closed: AtomicBool,
+    facts: OnceLock<Vec<WorkerFacts>>,
+}
+
+/// A running pool. Every node is torn down by [`Pool::shutdown`], or when the pool is dropped.
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("pool_id", &self.inner.shared.pool_id).finish_non_exhaustive()
+    }
+}
+
+/// Output of a command task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandOutput {
+    /// Rank of the node it ran on.
+    pub rank: u32,
+    /// How it ended.
+    pub exit: CommandExit,
+    /// Standard output, line by line.
+    pub stdout: Vec<String>,
+    /// Standard error, line by line.
+    pub stderr: Vec<String>,
+}
+
+/// Dispatch settings for one call.
+#[derive(Debug, Clone, Copy)]
+pub struct Dispatch {
+    /// Where to run.
+    pub placement: Placement,
+    /// Give up after this long (the task is cancelled on its node).
+    pub timeout: Option<Duration>,
+}
+
+impl Pool {
+    pub(crate) fn new(
+        shared: Arc<PoolShared>,
+        tm: ActorRef<TmMsg>,
+        endpoint: quinn::Endpoint,
+        acceptor: tokio::task::JoinHandle<()>,
+    ) -> Self {
+        install_signal_handler();
+        LIVE_POOLS.lock().expect("live pools").push((shared.pool_id.clone(), Arc::clone(&shared.provider), shared.ctx.clone()));
+        Self {
+            inner: Arc::new(Inner {
+                shared,
+                tm,
+                actor: OnceLock::new(),
+                endpoint,
+                acceptor,
+                next_task: AtomicU64::new(1),
+                closed: AtomicBool::new(false),
+                facts: OnceLock::new(),
+            }),
+        }
+    }
+
+    pub(crate) fn set_actor(&self, actor: ActorRef<PoolMsg>) {
+        let _ = self.inner.actor.set(actor);
+    }
+
+    pub(crate) fn set_facts(&self, facts: Vec<WorkerFacts>) {
+        let _ = self.inner.facts.set(facts);
+    }
+
+    /// This pool's id (every resource it creates carries it).
+    pub fn pool_id(&self) -> &str {
+        &self.inner.shared.pool_id
+    }
+
+    /// Number of nodes the pool was started with.
+    pub fn node_count(&self) -> usize {
+        self.inner.facts.get().map_or(0, Vec::len)
+    }
+
+    /// What each node's worker reported when it joined, by rank.
+    pub fn node_facts(&self) -> &[WorkerFacts] {
+        self.inner.facts.get().map_or(&[], Vec::as_slice)
+    }
+
+    /// Task counters.
+    pub async fn stats(&self) -> Result<TaskStats, Error> {
+        ractor::call!(self.inner.tm, TmMsg::Stats).map_err(|e| Error::Shutdown(e.to_string()))
+    }
+
+    fn enqueue(&self, kind: TaskKind, dispatch: Dispatch, sinks: TaskSinks) -> (TaskId, oneshot::Receiver<Done>) {
+        let id = TaskId(self.inner.next_task.fetch_add(1, Ordering::Relaxed));
+        let (reply, rx) = oneshot::channel();
+        let request = TaskRequest {
+            id,
+            kind,
+            placement: dispatch.placement,
+            timeout: dispatch.timeout.or(self.inner.shared.options.default_task_timeout),
+            reply,
+            sinks,
+            initial_credit: self.inner.shared.options.stream_window,
+        };
+        if let Err(ractor::MessagingErr::SendErr(TmMsg::Submit(request))) = self.inner.tm.cast(TmMsg::Submit(Box::new(request))) {
+            let _ = request.reply.send(Done { result: Err(TaskError::PoolClosed), rank: None });
+        }
+        (id, rx)
+    }
+
+    fn function_kind<R>(&self, call: &Call<R>, streaming: bool) -> Result<TaskKind, Error> {
+        let args = call.args().map_err(|e| Error::Codec(e.clone()))?.to_vec();
+        Ok(TaskKind::Function { name: call.name().to_string(), binary: self.inner.shared.binary.hash, args, streaming })
+    }
+
+    /// Submit `call` without waiting; await the handle for its result or cancel it.
+    pub fn submit<R: DeserializeOwned>(&self, call: Call<R>) -> TaskHandle<R> {
+        self.submit_with(call, Dispatch { placement: Placement::Any, timeout: None })
+    }
+
+    /// Submit `call` with explicit placement and timeout.
+    pub fn submit_with<R: DeserializeOwned>(&self, call: Call<R>, dispatch: Dispatch) -> TaskHandle<R> {
+        let name = call.name().to_string();
+        match self.function_kind(&call, false) {
+            Ok(kind) => {
+                let (id, rx) = self.enqueue(kind, dispatch, TaskSinks::default());
+                TaskHandle { id: Some(id), name, rx: Some(rx), early: None, tm: self.inner.tm.clone(), _r: PhantomData }
+            }
+            Err(e) => TaskHandle { id: None, name, rx: None, early: Some(e), tm: self.inner.tm.clone(), _r: PhantomData },
+        }
+    }
+
+    /// Run `call` on one node (round robin over nodes with a free slot) and wait for its result.
+    pub async fn run<R: DeserializeOwned>(&self, call: Call<R>) -> Result<R, Error> {
+        self.submit(call).await
+    }
+
+    /// Run `call` on the node with `rank`.
+    pub async fn run_on<R: DeserializeOwned>(&self, rank: u32, call: Call<R>) -> Result<R, Error> {
+        self.submit_with(call, Dispatch { placement: Placement::Rank(rank), timeout: None }).await
+    }
+
+    /// Run `call` on every ready node; results ordered by rank.
+    pub async fn broadcast<R: DeserializeOwned>(&self, call: Call<R>) -> Result<Vec<R>, Error> {
+        let ranks = ractor::call!(self.inner.tm, TmMsg::Ranks).map_err(|e| Error::Shutdown(e.to_string()))?;
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|rank| self.submit_with(call.clone(), Dispatch { placement: Placement::Rank(rank), timeout: None }))
+            .collect();
+        futures::future::try_join_all(handles).await
+    }
+
+    /// Run every call (round robin); results in the order of `calls`. The first failure is returned
+    /// and the calls still running are cancelled.
+    pub async fn gather<R: DeserializeOwned>(&self, calls: impl IntoIterator<Item = Call<R>>) -> Result<Vec<R>, Error> {
+        let handles: Vec<_> = calls.into_iter().map(|c| self.submit(c)).collect();
+        futures::future::try_join_all(handles).await
+    }
+
+    /// Run every call; yield `(index, result)` as each completes.
+    pub fn gather_unordered<R: DeserializeOwned>(
+        &self,
+        calls: impl IntoIterator<Item = Call<R>>,
+    ) -> impl Stream<Item = (usize, Result<R, Error>)> + Send + 'static
+    where
+        R: Send + 'static,
+    {
+        let futures: futures::stream::FuturesUnordered<_> = calls
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let h = self.submit(c);
+                async move { (i, h.await) }
+            })
+            .collect();
+        futures
+    }
+
+    /// Run different functions at once and get their typed results as a tuple.
+    pub async fn join<J: JoinCalls>(&self, calls: J) -> Result<J::Output, Error> {
+        calls.join(self).await
+    }
+
+    /// Run a streaming function on one node; items arrive as they are produced, with backpressure
+    /// (the node runs at most `Options::stream_window` items ahead of the consumer).
+    pub fn stream<T: DeserializeOwned>(&self, call: StreamCall<T>) -> TaskStream<T> {
+        let call = call.as_call();
+        let name = call.name().to_string();
+        let (items_tx, items) = mpsc::unbounded_channel();
+        let window = self.inner.shared.options.stream_window;
+        match self.function_kind(call, true) {
+            Ok(kind) => {
+                let sinks = TaskSinks { items: Some(items_tx), output: None };
+                let (id, rx) = self.enqueue(kind, Dispatch { placement: Placement::Any, timeout: None }, sinks);
+                TaskStream {
+                    id: Some(id),
+                    name,
+                    items,
+                    done: Some(rx),
+                    early: None,
+                    tm: self.inner.tm.clone(),
+                    consumed: 0,
+                    window,
+                    finished: false,
+                    _t: PhantomData,
+                }
+            }
+            Err(e) => TaskStream {
+                id: None,
+                name,
+                items,
+                done: None,
+                early: Some(e),
+                tm: self.inner.tm.clone(),
+                consumed: 0,
+                window,
+                finished: false,
+                _t: PhantomData,
+            },
+        }
+    }
+
+    /// Run a command on one node; its output is collected (and logged line by line with the rank).
+    /// A non-zero exit is an error carrying the last lines of standard error.
+    pub async fn command(&self, command: Command) -> Result<CommandOutput, Error> {
+        self.command_with(command, Placement::Any).await
+    }
+
+    /// Run a command on every ready node; outputs ordered by rank.
+    pub async fn broadcast_command(&self, command: Command) -> Result<Vec<CommandOutput>, Error> {
+        let ranks = ractor::call!(self.inner.tm, TmMsg::Ranks).map_err(|e| Error::Shutdown(e.to_string()))?;
+        let runs: Vec<_> = ranks.into_iter().map(|r| self.command_with(command.clone(), Placement::Rank(r))).collect();
+        futures::future::try_join_all(runs).await
+    }
+
+    async fn command_with(&self, command: Command, placement: Placement) -> Result<CommandOutput, Error> {
+        let line = command.spec.argv.join(" ");
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<OutputLine>();
+        let timeout = command.spec.timeout.map(|t| t + Duration::from_secs(5));
+        let (id, rx) =
+            self.enqueue(TaskKind::Command(command.spec), Dispatch { placement, timeout }, TaskSinks { items: None, output: Some(out_tx) });
+        let collect = async {
+            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            while let Some(l) = out_rx.recv().await {
+                tracing::info!(target: "skyward::output", rank = l.rank, stream = ?l.stream, "{}", l.line);
+                match l.stream {
+                    OutputStream::Stdout => stdout.push(l.line),
+                    OutputStream::Stderr => stderr.push(l.line),
+                }
+            }
+            (stdout, stderr)
+        };
+        let (done, (stdout, stderr)) =
+            tokio::join!(async { rx.await.unwrap_or(Done { result: Err(TaskError::PoolClosed), rank: None }) }, collect);
+        let rank = done.rank.unwrap_or(0);
+        let bytes = done.result.map_err(|source| Error::Task { task: id, function: line.clone(), rank: done.rank, source })?;
+        let exit: CommandExit = codec::from_bytes(&bytes, "CommandExit")
+            .map_err(|e| Error::Codec(RemoteError::new(skyward_proto::error::RemoteErrorKind::Codec, e.to_string())))?;
+        if exit.code != Some(0) {
+            let status = match (exit.code, exit.signal) {
+                (Some(c), _) => format!("exited with code {c}"),
+                (None, Some(s)) => format!("was killed by signal {s}"),
+                _ => "ended abnormally".to_string(),
+            };
+            let tail = stderr.iter().rev().take(20).rev().cloned().collect();
+            return Err(Error::CommandFailed { command: line, rank, status, stderr_tail: tail });
+        }
+        Ok(CommandOutput { rank, exit, stdout, stderr })
+    }
+
+    pub(crate) async fn shutdown_ref(&self) -> Result<(), Error> {
+        if self.inner.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let result = match self.inner.actor.get() {
+            Some(actor) => match ractor::call!(actor, PoolMsg::Shutdown) {
+                Ok(r) => r.map_err(Error::Shutdown),
+                // The pool actor is gone (a component failed): tear down directly.
+                Err(_) => self.inner.shared.provider.teardown(&self.inner.shared.ctx).await.map_err(|e| Error::Shutdown(e.to_string())),
+            },
+            None => self.inner.shared.provider.teardown(&self.inner.shared.ctx).await.map_err(|e| Error::Shutdown(e.to_string())),
+        };
+        self.finish_close();
+        result
+    }
+
+    fn finish_close(&self) {
+        self.inner.tm.stop(None);
+        self.inner.acceptor.abort();
+        self.inner.endpoint.close(0u32.into(), b"pool shut down");
+        let id = &self.inner.shared.pool_id;
+        LIVE_POOLS.lock().expect("live pools").retain(|(p, _, _)| p != id);
+        let _ = std::fs::remove_dir_all(&self.inner.shared.ctx.state_dir);
+    }
+
+    /// Tear every node down and wait until the provider confirms it.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        self.shutdown_ref().await
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if self.inner.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::warn!(pool = %self.inner.shared.pool_id, "pool dropped without shutdown(); tearing it down now");
+        self.inner.shared.provider.emergency_teardown(&self.inner.shared.ctx);
+        if let Some(actor) = self.inner.actor.get() {
+            actor.stop(Some("pool dropped".into()));
+        }
+        self.finish_close();
+    }
+}
+
+/// A submitted task: await it for the result, or cancel it.
+pub struct TaskHandle<R> {
+    id: Option<TaskId>,
+    name: String,
+    rx: Option<oneshot::Receiver<Done>>,
+    early: Option<Error>,
+    tm: ActorRef<TmMsg>,
+    _r: PhantomData<fn() -> R>,
+}
+
+impl<R> std::fmt::Debug for TaskHandle<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskHandle").field("id", &self.id).field("function", &self.name).finish()
+    }
+}
+
+impl<R> TaskHandle<R> {
+    /// The task's id.
+    pub fn id(&self) -> Option<TaskId> {
+        self.id
+    }
+
+    /// Cancel the task; awaiting the handle then yields a `Cancelled` error.
+    pub fn cancel(&self) {
+        if let Some(task) = self.id {
+            let _ = self.tm.cast(TmMsg::Cancel { task });
+        }
+    }
+}
+
+fn decode<R: DeserializeOwned>(name: &str, bytes: &[u8]) -> Result<R, Error> {
+    codec::from_bytes(bytes, "result").map_err(|e| {
+        let mut err = RemoteError::new(
+            skyward_proto::error::RemoteErrorKind::Codec,
+            format!("cannot decode the result of `{name}`: {e}; do the coordinator and the nodes run the same binary?"),
+        );
+        err.type_name = "skyward::CodecError".into();
+        Error::Codec(err)
+    })
+}
+
+impl<R: DeserializeOwned> Future for TaskHandle<R> {
+    type Output = Result<R, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Some(e) = this.early.take() {
+            return Poll::Ready(Err(e));
+        }
+        let Some(rx) = this.rx.as_mut() else { return Poll::Ready(Err(Error::Shutdown("task handle polled after completion".into()))) };
+        match Pin::new(rx).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(done) => {
+                this.rx = None;
+                let done = done.unwrap_or(Done { result: Err(TaskError::PoolClosed), rank: None });
+                let task = this.id.unwrap_or(TaskId(0));
+                Poll::Ready(match done.result {
+                    Ok(bytes) => decode(&this.name, &bytes),
+                    Err(source) => Err(Error::Task { task, function: this.name.clone(), rank: done.rank, source }),
+                })
+            }
+        }
+    }
+}
+
+/// Items of a streaming task as they arrive. Dropping it cancels the task.
+pub struct TaskStream<T> {
+    id: Option<TaskId>,
+    name: String,
+    items: mpsc::UnboundedReceiver<Vec<u8>>,
+    done: Option<oneshot::Receiver<Done>>,
+    early: Option<Error>,
+    tm: ActorRef<TmMsg>,
+    consumed: u32,
+    window: u32,
+    finished: bool,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T> std::fmt::Debug for TaskStream<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskStream").field("id", &self.id).field("function", &self.name).finish()
+    }
+}
+
+impl<T: DeserializeOwned> Stream for TaskStream<T> {
+    type Item = Result<T, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let Some(e) = this.early.take() {
+            this.finished = true;
+            return Poll::Ready(Some(Err(e)));
+        }
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(Some(bytes)) = this.items.poll_recv(cx) {
+            this.consumed += 1;
+            // Return credit in batches of half a window: fewer messages, no stall.
+            if this.consumed >= this.window.div_ceil(2)
+                && let Some(task) = this.id
+            {
+                let _ = this.tm.cast(TmMsg::Credit { task, items: this.consumed });
+                this.consumed = 0;
+            }
+            return Poll::Ready(Some(decode(&this.name, &bytes)));
+        }
+        let Some(done_rx) = this.done.as_mut() else {
+            this.finished = true;
+            return Poll::Ready(None);
+        };
+        match Pin::new(done_rx).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(done) => {
+                // Items sent before Done are already in the channel (same ordered path).
+                if let Ok(bytes) = this.items.try_recv() {
+                    this.done = None;
+                    let result = done.map(|d| d.result).unwrap_or(Err(TaskError::PoolClosed));
+                    if let Err(source) = result {
+                        this.early =
+                            Some(Error::Task { task: this.id.unwrap_or(TaskId(0)), function: this.name.clone(), rank: None, source });
+                    }
+                    return Poll::Ready(Some(decode(&this.name, &bytes)));
+                }
+                this.done = None;
+                this.finished = true;
+                let done = done.unwrap_or(Done { result: Err(TaskError::PoolClosed), rank: None });
+                match done.result {
+                    Ok(_) => Poll::Ready(None),
+                    Err(source) => Poll::Ready(Some(Err(Error::Task {
+                        task: this.id.unwrap_or(TaskId(0)),
+                        function: this.name.clone(),
+                        rank: done.rank,
+                        source,
+                    }))),
+                }
+            }
+        }
+    }
+}
+
+impl<T> Drop for TaskStream<T> {
+    fn drop(&mut self) {
+        if !self.finished
+            && let Some(task) = self.id
+        {
+            let _ = self.tm.cast(TmMsg::Cancel { task });
+        }
+    }
+}
+
+/// A command to run on nodes: argv, environment, working directory, timeout.
+#[derive(Debug, Clone)]
+pub struct Command {
+    spec: CommandSpec,
+}
+
+impl Command {
+    /// Run `program`.
+    pub fn new(program: impl Into<String>) -> Self {
+        Self { spec: CommandSpec { argv: vec![program.into()], env: BTreeMap::new(), cwd: None, timeout: None } }
+    }
+
+    /// Run `sh -c script`.
+    pub fn shell(script: impl Into<String>) -> Self {
+        Self::new("sh").arg("-c").arg(script)
+    }
+
+    /// Add an argument.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.spec.argv.push(arg.into());
+        self
+    }
+
+    /// Add arguments.
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.spec.argv.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Set an environment variable.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.spec.env.insert(key.into(), value.into());
+        self
+    }
+
+    /// Set the working directory.
+    pub fn cwd(mut self, dir: impl Into<String>) -> Self {
+        self.spec.cwd = Some(dir.into());
+        self
+    }
+
+    /// Kill the command after `timeout`.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.spec.timeout = Some(timeout);
+        self
+    }
+}
+
+/// Tuples of calls to different functions, run together by [`Pool::join`].
+pub trait JoinCalls {
+    /// The tuple of results.
+    type Output;
+    /// Run them.
+    fn join(self, pool: &Pool) -> impl Future<Output = Result<Self::Output, Error>> + Send;
+}
+
+macro_rules! join_tuple {
+    ($($name:ident $handle:ident),+) => {
+        impl<$($name: DeserializeOwned + Send + 'static),+> JoinCalls for ($(Call<$name>,)+) {
+            type Output = ($($name,)+);
+            #[allow(non_snake_case)]
+            fn join(self, pool: &Pool) -> impl Future<Output = Result<Self::Output, Error>> + Send {
+                let ($($name,)+) = self;
+                $(let $handle = pool.submit($name);)+
+                async move { futures::try_join!($($handle),+) }
+            }
+        }
+    };
+}
+
+join_tuple!(A ha, B hb);
+join_tuple!(A ha, B hb, C hc);
+join_tuple!(A ha, B hb, C hc, D hd);
+join_tuple!(A ha, B hb, C hc, D hd, E he);
+join_tuple!(A ha, B hb, C hc, D hd, E he, F hf);

@@ -1,0 +1,237 @@
+//! The coordinator: the actor tree that runs inside the user's process, and the dispatch API.
+//!
+//! `Compute::new(provider).nodes(n).start()` spawns the `Pool` actor, which supervises one
+//! `Provisioner`, one `TaskManager` and one `Node` per instance (see each module's doc for its
+//! supervision policy). Workers dial the pool's QUIC endpoint; the acceptor checks their
+//! certificate and hello and hands the connection to their `Node`.
+//!
+//! Architecture invariant: teardown always runs. `shutdown()` tears down in order; dropping the
+//! pool, an error or a panic in the caller, and Ctrl-C all end every worker (the last two through
+//! the provider's synchronous `emergency_teardown`).
+
+mod binary;
+mod handle;
+mod node;
+mod pool;
+mod provisioner;
+mod task_manager;
+
+pub use handle::{Command, CommandOutput, Dispatch, Error, JoinCalls, Pool, TaskHandle, TaskStream};
+pub use node::{NodeState, OutputLine};
+pub use task_manager::{Placement, TaskStats};
+
+use pool::{PoolActor, PoolArgs, PoolShared};
+use ractor::Actor;
+use skyward_provider::{PoolContext, Provider};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use task_manager::{TaskManager, TmArgs};
+
+/// Worker settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Worker {
+    /// Tasks a node runs at once.
+    pub concurrency: u32,
+}
+
+impl Default for Worker {
+    fn default() -> Self {
+        Self { concurrency: 1 }
+    }
+}
+
+/// Operational settings of a pool.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// How often the coordinator probes each worker.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a node is lost and its tasks re-queued.
+    pub lost_after: Duration,
+    /// Silence after which a worker ends its own machine.
+    pub instance_timeout: Duration,
+    /// How long `start()` waits for every node to be ready.
+    pub start_timeout: Duration,
+    /// How many times a task is re-queued after node losses before it fails.
+    pub max_retries: u32,
+    /// How many times one rank is replaced before the pool stops replacing it.
+    pub max_replacements: u32,
+    /// Timeout applied to every task that does not set its own.
+    pub default_task_timeout: Option<Duration>,
+    /// Largest frame accepted from a worker.
+    pub max_frame: usize,
+    /// Limit for putting the executable on a node.
+    pub upload_timeout: Duration,
+    /// Stream items a streaming task may send ahead of the consumer.
+    pub stream_window: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_millis(500),
+            lost_after: Duration::from_secs(3),
+            instance_timeout: Duration::from_secs(60),
+            start_timeout: Duration::from_secs(120),
+            max_retries: 3,
+            max_replacements: 3,
+            default_task_timeout: None,
+            max_frame: skyward_proto::codec::DEFAULT_MAX_FRAME,
+            upload_timeout: Duration::from_secs(600),
+            stream_window: 64,
+        }
+    }
+}
+
+/// Why a pool could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The spec is invalid.
+    #[error("invalid pool spec: {0}")]
+    Invalid(String),
+    /// The executable to ship cannot be used.
+    #[error("{0}")]
+    Binary(String),
+    /// The provider failed to prepare.
+    #[error(transparent)]
+    Provider(#[from] skyward_provider::ProviderError),
+    /// Certificates or the QUIC endpoint could not be set up.
+    #[error("transport setup failed: {0}")]
+    Transport(String),
+    /// A node failed to come up.
+    #[error("pool {pool_id} did not start: {reason}")]
+    Node {
+        /// Pool id.
+        pool_id: String,
+        /// What failed.
+        reason: String,
+    },
+    /// Not every node was ready in time.
+    #[error("pool {pool_id}: only {ready} of {wanted} nodes ready after {after:?}")]
+    Timeout {
+        /// Pool id.
+        pool_id: String,
+        /// Ready nodes.
+        ready: usize,
+        /// Wanted nodes.
+        wanted: u32,
+        /// How long it waited.
+        after: Duration,
+    },
+    /// The actor system failed.
+    #[error("coordinator failed to start: {0}")]
+    Actor(String),
+}
+
+/// A description of compute to start: provider, node count, worker settings, options.
+#[derive(Debug)]
+pub struct Compute {
+    provider: Arc<dyn Provider>,
+    nodes: u32,
+    worker: Worker,
+    options: Options,
+    binary: Option<PathBuf>,
+}
+
+impl Compute {
+    /// Compute from `provider`, one node by default.
+    pub fn new(provider: impl Provider) -> Self {
+        Self { provider: Arc::new(provider), nodes: 1, worker: Worker::default(), options: Options::default(), binary: None }
+    }
+
+    /// Number of nodes.
+    pub fn nodes(mut self, nodes: u32) -> Self {
+        self.nodes = nodes;
+        self
+    }
+
+    /// Worker settings.
+    pub fn worker(mut self, worker: Worker) -> Self {
+        self.worker = worker;
+        self
+    }
+
+    /// Options.
+    pub fn options(mut self, options: Options) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Ship this executable instead of the running one (e.g. a cross-built binary).
+    pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.binary = Some(path.into());
+        self
+    }
+
+    /// Start the pool and wait until every node is ready.
+    pub async fn start(self) -> Result<Pool, StartError> {
+        if self.nodes == 0 {
+            return Err(StartError::Invalid("nodes must be at least 1".into()));
+        }
+        if self.worker.concurrency == 0 {
+            return Err(StartError::Invalid("Worker { concurrency } must be at least 1".into()));
+        }
+        let started_at = Instant::now();
+        let pool_id = format!("sky-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let state_dir = skyward_provider::local::skyward_home().join("pools").join(&pool_id);
+        let ctx = PoolContext { pool_id: pool_id.clone(), state_dir };
+        let binary_path = match self.binary.clone() {
+            Some(p) => p,
+            None => std::env::current_exe().map_err(|e| StartError::Binary(format!("cannot locate this executable: {e}")))?,
+        };
+        let inspect = tokio::task::spawn_blocking(move || binary::inspect(&binary_path));
+        self.provider.prepare(&ctx).await?;
+        let binary = Arc::new(inspect.await.map_err(|e| StartError::Binary(e.to_string()))?.map_err(StartError::Binary)?);
+        self.provider.stage_binary(&ctx, &binary.path, &binary.hash.to_hex()).await?;
+
+        let ca = skyward_net::PoolCa::generate(&pool_id).map_err(|e| StartError::Transport(e.to_string()))?;
+        let server_cert = ca.issue_server().map_err(|e| StartError::Transport(e.to_string()))?;
+        let bind = SocketAddr::new(self.provider.coordinator_bind(), 0);
+        let endpoint = skyward_net::server_endpoint(bind, ca.cert(), &server_cert, self.options.lost_after.max(Duration::from_secs(10)))
+            .map_err(|e| StartError::Transport(e.to_string()))?;
+        let server_addr = endpoint.local_addr().map_err(|e| StartError::Transport(e.to_string()))?;
+        let shared = Arc::new(PoolShared {
+            pool_id: pool_id.clone(),
+            ctx,
+            provider: Arc::clone(&self.provider),
+            ca,
+            server_addr,
+            epoch: Instant::now(),
+            registry: Default::default(),
+            options: self.options.clone(),
+            concurrency: self.worker.concurrency,
+            binary,
+        });
+        let acceptor = tokio::spawn(pool::accept_loop(endpoint.clone(), Arc::clone(&shared)));
+        let (tm, _) = Actor::spawn(None, TaskManager, TmArgs { max_retries: self.options.max_retries, pool_id: pool_id.clone() })
+            .await
+            .map_err(|e| StartError::Actor(e.to_string()))?;
+        let pool = Pool::new(Arc::clone(&shared), tm.clone(), endpoint, acceptor);
+        let (actor, _) = Actor::spawn(None, PoolActor, PoolArgs { shared: Arc::clone(&shared), nodes: self.nodes, tm })
+            .await
+            .map_err(|e| StartError::Actor(e.to_string()))?;
+        pool.set_actor(actor.clone());
+        let wait = async { ractor::call!(actor, pool::PoolMsg::WaitReady) };
+        match tokio::time::timeout(self.options.start_timeout, wait).await {
+            Ok(Ok(Ok(facts))) => {
+                tracing::info!(pool = %pool_id, nodes = facts.len(), elapsed = ?started_at.elapsed(), "pool ready");
+                pool.set_facts(facts);
+                Ok(pool)
+            }
+            Ok(Ok(Err(reason))) => {
+                let _ = pool.shutdown_ref().await;
+                Err(StartError::Node { pool_id, reason })
+            }
+            Ok(Err(e)) => {
+                let _ = pool.shutdown_ref().await;
+                Err(StartError::Actor(e.to_string()))
+            }
+            Err(_) => {
+                let ready = pool.stats().await.map(|s| s.ready_nodes).unwrap_or(0);
+                let _ = pool.shutdown_ref().await;
+                Err(StartError::Timeout { pool_id, ready, wanted: self.nodes, after: self.options.start_timeout })
+            }
+        }
+    }
+}

@@ -1,0 +1,517 @@
+//! `Node`: one actor per instance, its state machine, its connection and heartbeats.
+//!
+//! States: requested → booting → connecting → bootstrapping (binary check and upload) → ready →
+//! lost | terminated. The hot path does not pass through this actor: the task manager dispatches
+//! through a [`NodeHandle`], which opens one QUIC stream per task, and every frame from the worker
+//! is fed to the shared [`CoordinatorSession`] under a short lock.
+//!
+//! Supervision: a Node supervises nothing. When its worker goes silent past `lost_after`, it tells
+//! the task manager (which re-queues the node's tasks) and the pool (which replaces the node), then
+//! stops. A Node that fails is treated the same way by the pool: replaced, not escalated.
+
+use crate::binary::ShippedBinary;
+use crate::pool::PoolMsg;
+use crate::task_manager::TmMsg;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use skyward_net::{FramedRecv, write_frames};
+use skyward_proto::Time;
+use skyward_proto::message::*;
+use skyward_proto::session::{CoordinatorSession, NodeEvent};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+/// A line of command output with the node it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputLine {
+    /// Rank of the node.
+    pub rank: u32,
+    /// Which stream.
+    pub stream: OutputStream,
+    /// The line.
+    pub line: String,
+}
+
+/// Where a task's intermediate output goes.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TaskSinks {
+    pub(crate) items: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    pub(crate) output: Option<mpsc::UnboundedSender<OutputLine>>,
+}
+
+/// Node state as the coordinator tracks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    /// Asked the provider for it.
+    Requested,
+    /// The provider reports it; the worker has not connected yet.
+    Booting,
+    /// The worker connected; handshake and binary check running.
+    Bootstrapping,
+    /// Serving tasks.
+    Ready,
+    /// Silent too long; being replaced.
+    Lost,
+    /// Gone.
+    Terminated,
+}
+
+pub(crate) struct NodeShared {
+    pub(crate) rank: u32,
+    pub(crate) node_id: String,
+    epoch: Instant,
+    session: Mutex<CoordinatorSession>,
+    sinks: Mutex<HashMap<TaskId, TaskSinks>>,
+    control: Mutex<Option<mpsc::UnboundedSender<ToWorker>>>,
+    connection: Mutex<Option<quinn::Connection>>,
+    binary_waiters: Mutex<Vec<oneshot::Sender<bool>>>,
+    tm: ActorRef<TmMsg>,
+    node_actor: Mutex<Option<ActorRef<NodeMsg>>>,
+    max_frame: usize,
+    wake_timer: Notify,
+}
+
+impl NodeShared {
+    fn now(&self) -> Time {
+        self.epoch.elapsed()
+    }
+
+    fn send_control(&self, messages: impl IntoIterator<Item = ToWorker>) {
+        if let Some(tx) = self.control.lock().expect("control lock").as_ref() {
+            for m in messages {
+                let _ = tx.send(m);
+            }
+        }
+    }
+
+    /// Feed one message from the worker and route everything the session produces.
+    pub(crate) fn process(&self, message: ToCoordinator) {
+        let now = self.now();
+        let (transmit, events) = {
+            let mut session = self.session.lock().expect("session lock");
+            if let Err(e) = session.handle(message, now) {
+                tracing::warn!(node = %self.node_id, error = %e, "protocol error from worker");
+            }
+            drain(&mut session)
+        };
+        self.send_control(transmit);
+        self.route(events);
+    }
+
+    fn route(&self, events: Vec<NodeEvent>) {
+        for event in events {
+            match event {
+                NodeEvent::Completed { task, outcome } => {
+                    self.sinks.lock().expect("sinks lock").remove(&task);
+                    let _ = self.tm.cast(TmMsg::Completed { task, rank: self.rank, outcome });
+                }
+                NodeEvent::Item { task, payload, .. } => {
+                    if let Some(items) = self.sinks.lock().expect("sinks lock").get(&task).and_then(|s| s.items.as_ref()) {
+                        let _ = items.send(payload);
+                    }
+                }
+                NodeEvent::Output { task, stream, line } => {
+                    if let Some(out) = self.sinks.lock().expect("sinks lock").get(&task).and_then(|s| s.output.as_ref()) {
+                        let _ = out.send(OutputLine { rank: self.rank, stream, line });
+                    }
+                }
+                NodeEvent::Forgotten { task } => {
+                    let _ = self.tm.cast(TmMsg::Forgotten { task, rank: self.rank });
+                }
+                NodeEvent::BinaryStatus { present, .. } => {
+                    for waiter in self.binary_waiters.lock().expect("waiters lock").drain(..) {
+                        let _ = waiter.send(present);
+                    }
+                }
+                NodeEvent::Lost { in_flight, silent_for } => {
+                    if let Some(actor) = self.node_actor.lock().expect("actor lock").as_ref() {
+                        let _ = actor.cast(NodeMsg::Lost { in_flight, silent_for });
+                    }
+                }
+                NodeEvent::Joined { .. } => {}
+            }
+        }
+    }
+}
+
+fn drain(session: &mut CoordinatorSession) -> (Vec<ToWorker>, Vec<NodeEvent>) {
+    let mut transmit = Vec::new();
+    while let Some(m) = session.poll_transmit() {
+        transmit.push(m);
+    }
+    let mut events = Vec::new();
+    while let Some(e) = session.poll_event() {
+        events.push(e);
+    }
+    (transmit, events)
+}
+
+/// The task manager's handle on a ready node: dispatch, cancel, credit.
+#[derive(Clone)]
+pub(crate) struct NodeHandle {
+    pub(crate) rank: u32,
+    pub(crate) slots: u32,
+    pub(crate) address: String,
+    pub(crate) accelerators: Vec<String>,
+    shared: Arc<NodeShared>,
+}
+
+impl std::fmt::Debug for NodeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHandle").field("rank", &self.rank).field("node_id", &self.shared.node_id).finish()
+    }
+}
+
+impl NodeHandle {
+    /// Run `task` on this node: one new bidirectional stream carries the submit and the replies.
+    pub(crate) fn dispatch(&self, task: TaskId, spec: TaskSpec, sinks: TaskSinks) {
+        let shared = Arc::clone(&self.shared);
+        if sinks.items.is_some() || sinks.output.is_some() {
+            shared.sinks.lock().expect("sinks lock").insert(task, sinks);
+        }
+        let submit = shared.session.lock().expect("session lock").submit(task, spec);
+        let Some(connection) = shared.connection.lock().expect("connection lock").clone() else {
+            // No connection right now: the task stays in flight and is resumed or re-queued
+            // when the worker reconnects or is declared lost.
+            return;
+        };
+        tokio::spawn(async move {
+            let (mut send, recv) = match connection.open_bi().await {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::debug!(%task, error = %e, "cannot open task stream; waiting for reconnect or loss");
+                    return;
+                }
+            };
+            if write_frames(&mut send, std::slice::from_ref(&submit)).await.is_err() {
+                return;
+            }
+            let _ = send.finish();
+            let mut recv = FramedRecv::new(recv, shared.max_frame);
+            loop {
+                match recv.next::<ToCoordinator>("ToCoordinator").await {
+                    Ok(Some(message)) => {
+                        let done = matches!(message, ToCoordinator::Done { .. });
+                        shared.process(message);
+                        if done {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(%task, error = %e, "task stream ended");
+                        break;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Stop tracking `task` on this node (its caller got an answer another way).
+    pub(crate) fn forget(&self, task: TaskId) {
+        self.shared.sinks.lock().expect("sinks lock").remove(&task);
+        self.shared.session.lock().expect("session lock").forget(task);
+    }
+
+    /// Ask the worker to cancel `task`.
+    pub(crate) fn cancel(&self, task: TaskId) {
+        let message = self.shared.session.lock().expect("session lock").cancel(task);
+        self.shared.send_control([message]);
+        self.forget(task);
+    }
+
+    /// Grant stream credit.
+    pub(crate) fn grant(&self, task: TaskId, items: u32) {
+        let message = self.shared.session.lock().expect("session lock").grant(task, items);
+        self.shared.send_control([message]);
+    }
+}
+
+/// Messages of a Node actor.
+#[derive(Debug)]
+pub(crate) enum NodeMsg {
+    /// The provider reports the instance.
+    Provisioned { instance_id: String },
+    /// A worker connected and sent its hello on the control stream.
+    Connected { connection: quinn::Connection, send: quinn::SendStream, recv: FramedRecv, hello: Hello },
+    /// The binary is on the node (or could not be put there).
+    BinaryReady(Result<(), String>),
+    /// The session declared the worker lost.
+    Lost { in_flight: Vec<TaskId>, silent_for: Duration },
+    /// The control stream ended.
+    ControlClosed(String),
+    /// Stop serving (pool shutdown).
+    Drain,
+}
+
+pub(crate) struct Node;
+
+pub(crate) struct NodeArgs {
+    pub(crate) shared: Arc<NodeShared>,
+    pub(crate) pool: ActorRef<PoolMsg>,
+    pub(crate) binary: Arc<ShippedBinary>,
+    pub(crate) upload_timeout: Duration,
+}
+
+pub(crate) struct NodeStateData {
+    shared: Arc<NodeShared>,
+    pool: ActorRef<PoolMsg>,
+    binary: Arc<ShippedBinary>,
+    state: NodeState,
+    facts: Option<WorkerFacts>,
+    address: String,
+    timer: Option<tokio::task::JoinHandle<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    upload_timeout: Duration,
+}
+
+/// Build the shared part of a node before its actor exists (the acceptor needs it by node id).
+pub(crate) fn new_shared(
+    node_id: String,
+    rank: u32,
+    session: CoordinatorSession,
+    epoch: Instant,
+    tm: ActorRef<TmMsg>,
+    max_frame: usize,
+) -> Arc<NodeShared> {
+    Arc::new(NodeShared {
+        rank,
+        node_id,
+        epoch,
+        session: Mutex::new(session),
+        sinks: Mutex::new(HashMap::new()),
+        control: Mutex::new(None),
+        connection: Mutex::new(None),
+        binary_waiters: Mutex::new(Vec::new()),
+        tm,
+        node_actor: Mutex::new(None),
+        max_frame,
+        wake_timer: Notify::new(),
+    })
+}
+
+async fn control_writer(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<ToWorker>) {
+    let mut batch = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.clear();
+        batch.push(first);
+        while batch.len() < 1024 {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        if write_frames(&mut send, &batch).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+async fn ensure_binary(shared: Arc<NodeShared>, connection: quinn::Connection, binary: Arc<ShippedBinary>) -> Result<(), String> {
+    let ask = |shared: &NodeShared| {
+        let (tx, rx) = oneshot::channel();
+        shared.binary_waiters.lock().expect("waiters lock").push(tx);
+        rx
+    };
+    let answer = ask(&shared);
+    shared.send_control([ToWorker::QueryBinary { hash: binary.hash }]);
+    if answer.await.unwrap_or(false) {
+        return Ok(());
+    }
+    tracing::info!(node = %shared.node_id, bytes = binary.len, "uploading executable");
+    let answer = ask(&shared);
+    let mut send = connection.open_uni().await.map_err(|e| format!("cannot open upload stream: {e}"))?;
+    write_frames(&mut send, &[ToWorker::PutBinary { hash: binary.hash, len: binary.len }]).await.map_err(|e| e.to_string())?;
+    let mut file = tokio::fs::File::open(&binary.path).await.map_err(|e| format!("cannot read {}: {e}", binary.path.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        use tokio::io::AsyncReadExt;
+        let n = file.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        send.write_all(&buf[..n]).await.map_err(|e| format!("upload failed: {e}"))?;
+    }
+    send.finish().map_err(|e| e.to_string())?;
+    if answer.await.unwrap_or(false) {
+        Ok(())
+    } else {
+        Err(format!("the node rejected the uploaded executable {:?} (checksum or disk error; see the worker log)", binary.hash))
+    }
+}
+
+impl Actor for Node {
+    type Msg = NodeMsg;
+    type State = NodeStateData;
+    type Arguments = NodeArgs;
+
+    async fn pre_start(&self, myself: ActorRef<NodeMsg>, args: NodeArgs) -> Result<NodeStateData, ActorProcessingErr> {
+        *args.shared.node_actor.lock().expect("actor lock") = Some(myself);
+        // The heartbeat and loss timer runs from the moment the node is requested: a worker that
+        // never connects is lost after `lost_after` as well... but boot takes longer than that, so
+        // the timer starts only once the worker connects (see Connected).
+        Ok(NodeStateData {
+            shared: args.shared,
+            pool: args.pool,
+            binary: args.binary,
+            state: NodeState::Requested,
+            facts: None,
+            address: "127.0.0.1".into(),
+            timer: None,
+            tasks: Vec::new(),
+            upload_timeout: args.upload_timeout,
+        })
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<NodeMsg>, state: &mut NodeStateData) -> Result<(), ActorProcessingErr> {
+        if let Some(t) = state.timer.take() {
+            t.abort();
+        }
+        for t in state.tasks.drain(..) {
+            t.abort();
+        }
+        *state.shared.control.lock().expect("control lock") = None;
+        if let Some(c) = state.shared.connection.lock().expect("connection lock").take() {
+            c.close(0u32.into(), b"node stopped");
+        }
+        Ok(())
+    }
+
+    async fn handle(&self, myself: ActorRef<NodeMsg>, message: NodeMsg, state: &mut NodeStateData) -> Result<(), ActorProcessingErr> {
+        let shared = Arc::clone(&state.shared);
+        match message {
+            NodeMsg::Provisioned { instance_id } => {
+                tracing::debug!(node = %shared.node_id, %instance_id, "instance provisioned");
+                if state.state == NodeState::Requested {
+                    state.state = NodeState::Booting;
+                }
+            }
+            NodeMsg::Connected { connection, send, recv, hello } => {
+                if matches!(state.state, NodeState::Lost | NodeState::Terminated) {
+                    connection.close(1u32.into(), b"node already replaced");
+                    return Ok(());
+                }
+                let now = shared.now();
+                let (tx, rx) = mpsc::unbounded_channel();
+                state.tasks.push(tokio::spawn(control_writer(send, rx)));
+                *shared.control.lock().expect("control lock") = Some(tx);
+                *shared.connection.lock().expect("connection lock") = Some(connection.clone());
+                let facts = hello.worker.clone();
+                let (transmit, events, accepted) = {
+                    let mut session = shared.session.lock().expect("session lock");
+                    session.connection_opened(now);
+                    let accepted = session.handle_hello(hello, now);
+                    let (t, e) = drain(&mut session);
+                    (t, e, accepted)
+                };
+                shared.send_control(transmit);
+                let reconnect = events.iter().any(|e| matches!(e, NodeEvent::Joined { reconnect: true, .. }));
+                shared.route(events);
+                if let Err(e) = accepted {
+                    let _ = state.pool.cast(PoolMsg::NodeFailed { rank: shared.rank, error: format!("handshake refused: {e}") });
+                    return Ok(());
+                }
+                state.address = connection.remote_address().ip().to_string();
+                // Control stream reader: everything not on a task stream.
+                let reader_shared = Arc::clone(&shared);
+                let me = myself.clone();
+                state.tasks.push(tokio::spawn(async move {
+                    let mut recv = recv;
+                    let reason = loop {
+                        match recv.next::<ToCoordinator>("ToCoordinator").await {
+                            Ok(Some(m)) => reader_shared.process(m),
+                            Ok(None) => break "worker closed the control stream".to_string(),
+                            Err(e) => break e.to_string(),
+                        }
+                    };
+                    let _ = me.cast(NodeMsg::ControlClosed(reason));
+                }));
+                if state.timer.is_none() {
+                    let timer_shared = Arc::clone(&shared);
+                    state.timer = Some(tokio::spawn(async move {
+                        loop {
+                            let deadline = timer_shared.session.lock().expect("session lock").poll_timeout();
+                            let Some(deadline) = deadline else { return };
+                            let now = timer_shared.now();
+                            if deadline > now {
+                                tokio::select! {
+                                    _ = tokio::time::sleep(deadline - now) => {}
+                                    _ = timer_shared.wake_timer.notified() => continue,
+                                }
+                            }
+                            let now = timer_shared.now();
+                            let (transmit, events) = {
+                                let mut session = timer_shared.session.lock().expect("session lock");
+                                session.handle_timeout(now);
+                                drain(&mut session)
+                            };
+                            timer_shared.send_control(transmit);
+                            timer_shared.route(events);
+                        }
+                    }));
+                }
+                if reconnect {
+                    tracing::info!(node = %shared.node_id, "worker reconnected; in-flight tasks resumed");
+                    return Ok(());
+                }
+                // First contact: refuse a binary this node cannot run, before uploading it.
+                if let Err(e) = skyward_function::elf::check_compatible(&state.binary.facts, &facts.arch, &facts.libc) {
+                    let _ = state.pool.cast(PoolMsg::NodeFailed { rank: shared.rank, error: e.to_string() });
+                    return Ok(());
+                }
+                state.facts = Some(facts);
+                state.state = NodeState::Bootstrapping;
+                let me = myself.clone();
+                let binary = Arc::clone(&state.binary);
+                let timeout = state.upload_timeout;
+                state.tasks.push(tokio::spawn(async move {
+                    let result = match tokio::time::timeout(timeout, ensure_binary(shared, connection, binary)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(format!("executable upload did not finish within {timeout:?}")),
+                    };
+                    let _ = me.cast(NodeMsg::BinaryReady(result));
+                }));
+            }
+            NodeMsg::BinaryReady(result) => match result {
+                Ok(()) if state.state == NodeState::Bootstrapping => {
+                    state.state = NodeState::Ready;
+                    let facts = state.facts.clone().unwrap_or_default();
+                    let handle = NodeHandle {
+                        rank: shared.rank,
+                        slots: facts.concurrency,
+                        address: state.address.clone(),
+                        accelerators: facts.accelerators.clone(),
+                        shared: Arc::clone(&shared),
+                    };
+                    let _ = shared.tm.cast(TmMsg::NodeReady { node: handle });
+                    let _ = state.pool.cast(PoolMsg::NodeReady { rank: shared.rank, facts });
+                }
+                Ok(()) => {}
+                Err(error) => {
+                    let _ = state.pool.cast(PoolMsg::NodeFailed { rank: shared.rank, error });
+                }
+            },
+            NodeMsg::Lost { in_flight, silent_for } => {
+                if state.state != NodeState::Lost {
+                    tracing::warn!(node = %shared.node_id, rank = shared.rank, ?silent_for, tasks = in_flight.len(), "node lost; re-queueing its tasks");
+                    state.state = NodeState::Lost;
+                    let _ = shared.tm.cast(TmMsg::NodeLost { rank: shared.rank, in_flight });
+                    let _ = state.pool.cast(PoolMsg::NodeLost { rank: shared.rank, node_id: shared.node_id.clone() });
+                }
+            }
+            NodeMsg::ControlClosed(reason) => {
+                // Not yet lost: the worker may redial. The silence timer decides.
+                tracing::debug!(node = %shared.node_id, %reason, "control stream closed");
+                *shared.control.lock().expect("control lock") = None;
+                *shared.connection.lock().expect("connection lock") = None;
+            }
+            NodeMsg::Drain => {
+                shared.send_control([ToWorker::Shutdown]);
+                state.state = NodeState::Terminated;
+            }
+        }
+        Ok(())
+    }
+}

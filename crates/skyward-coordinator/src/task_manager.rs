@@ -1,0 +1,345 @@
+//! `TaskManager`: slots per node, placement, timeouts, retries and re-queue on node loss.
+//!
+//! Supervision: the TaskManager supervises nothing; its parent is the `Pool`. If it fails, the
+//! pool fails (every waiting caller gets `PoolClosed`), because task bookkeeping cannot be rebuilt.
+//!
+//! Delivery: each task's reply port is used once. A completion from a node that no longer owns the
+//! task (it was re-queued after the node was lost) is dropped, so no result is delivered twice.
+
+use crate::node::{NodeHandle, TaskSinks};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use skyward_proto::error::TaskError;
+use skyward_proto::message::{InstanceInfo, Outcome, TaskId, TaskKind, TaskSpec};
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// Where a task may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Any node with a free slot, round robin.
+    Any,
+    /// Only the node with this rank.
+    Rank(u32),
+}
+
+/// What a caller gets back: the result and the rank that produced it.
+#[derive(Debug)]
+pub(crate) struct Done {
+    pub(crate) result: Result<Vec<u8>, TaskError>,
+    pub(crate) rank: Option<u32>,
+}
+
+/// The reply a caller waits on.
+pub(crate) type Reply = oneshot::Sender<Done>;
+
+/// One task handed to the manager.
+#[derive(Debug)]
+pub(crate) struct TaskRequest {
+    pub(crate) id: TaskId,
+    pub(crate) kind: TaskKind,
+    pub(crate) placement: Placement,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) reply: Reply,
+    pub(crate) sinks: TaskSinks,
+    pub(crate) initial_credit: u32,
+}
+
+/// Messages of the task manager.
+#[derive(Debug)]
+pub(crate) enum TmMsg {
+    Submit(Box<TaskRequest>),
+    Completed { task: TaskId, rank: u32, outcome: Outcome },
+    Forgotten { task: TaskId, rank: u32 },
+    NodeReady { node: NodeHandle },
+    NodeLost { rank: u32, in_flight: Vec<TaskId> },
+    Cancel { task: TaskId },
+    TimedOut { task: TaskId, after: Duration },
+    Credit { task: TaskId, items: u32 },
+    Ranks(RpcReplyPort<Vec<u32>>),
+    Stats(RpcReplyPort<TaskStats>),
+    Close,
+}
+
+/// Counters for progress and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskStats {
+    /// Tasks waiting for a slot.
+    pub queued: usize,
+    /// Tasks running on nodes.
+    pub running: usize,
+    /// Tasks finished (any outcome).
+    pub finished: u64,
+    /// Times a task was re-queued after its node was lost.
+    pub requeued: u64,
+    /// Ready nodes.
+    pub ready_nodes: usize,
+}
+
+struct Slot {
+    node: NodeHandle,
+    capacity: u32,
+    busy: u32,
+}
+
+struct Entry {
+    request: Box<TaskRequest>,
+    attempts: u32,
+    running_on: Option<u32>,
+    timer: Option<tokio::task::AbortHandle>,
+}
+
+pub(crate) struct TaskManager;
+
+pub(crate) struct TmArgs {
+    pub(crate) max_retries: u32,
+    pub(crate) pool_id: String,
+}
+
+pub(crate) struct TmState {
+    nodes: HashMap<u32, Slot>,
+    order: Vec<u32>,
+    cursor: usize,
+    queue: VecDeque<TaskId>,
+    tasks: HashMap<TaskId, Entry>,
+    max_retries: u32,
+    pool_id: String,
+    stats: TaskStats,
+    closed: bool,
+}
+
+impl TmState {
+    fn info(&self, rank: u32) -> InstanceInfo {
+        let peers: Vec<String> = self.order.iter().map(|r| self.nodes[r].node.address.clone()).collect();
+        InstanceInfo {
+            rank,
+            node_count: self.order.len() as u32,
+            head_addr: self.order.first().map(|r| self.nodes[r].node.address.clone()).unwrap_or_default(),
+            peers,
+            pool_id: self.pool_id.clone(),
+            accelerators: self.nodes.get(&rank).map(|s| s.node.accelerators.clone()).unwrap_or_default(),
+        }
+    }
+
+    fn pick(&mut self, placement: Placement) -> Option<u32> {
+        match placement {
+            Placement::Rank(r) => self.nodes.get(&r).filter(|s| s.busy < s.capacity).map(|_| r),
+            Placement::Any => {
+                let n = self.order.len();
+                for i in 0..n {
+                    let rank = self.order[(self.cursor + i) % n];
+                    let slot = &self.nodes[&rank];
+                    if slot.busy < slot.capacity {
+                        self.cursor = (self.cursor + i + 1) % n;
+                        return Some(rank);
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    fn finish(&mut self, task: TaskId, result: Result<Vec<u8>, TaskError>) {
+        if let Some(entry) = self.tasks.remove(&task) {
+            if let Some(rank) = entry.running_on
+                && let Some(slot) = self.nodes.get_mut(&rank)
+            {
+                slot.busy = slot.busy.saturating_sub(1);
+                slot.node.forget(task);
+            }
+            if let Some(timer) = entry.timer {
+                timer.abort();
+            }
+            self.stats.finished += 1;
+            let _ = entry.request.reply.send(Done { result, rank: entry.running_on });
+        }
+    }
+
+    /// Dispatch queued tasks while slots are free. Tasks pinned to a busy or absent rank wait.
+    fn drain(&mut self) {
+        let mut waiting = VecDeque::new();
+        while let Some(task) = self.queue.pop_front() {
+            let Some(entry) = self.tasks.get(&task) else { continue };
+            let placement = entry.request.placement;
+            match self.pick(placement) {
+                Some(rank) => self.dispatch(task, rank),
+                None => {
+                    waiting.push_back(task);
+                    if placement == Placement::Any {
+                        // Every node is full; keep the rest in order.
+                        waiting.extend(self.queue.drain(..));
+                        break;
+                    }
+                }
+            }
+        }
+        self.queue = waiting;
+    }
+
+    fn dispatch(&mut self, task: TaskId, rank: u32) {
+        let info = self.info(rank);
+        let slot = self.nodes.get_mut(&rank).expect("picked rank exists");
+        let entry = self.tasks.get_mut(&task).expect("queued task exists");
+        slot.busy += 1;
+        entry.running_on = Some(rank);
+        entry.attempts += 1;
+        let spec = TaskSpec { kind: entry.request.kind.clone(), info, initial_credit: entry.request.initial_credit };
+        slot.node.dispatch(task, spec, entry.request.sinks.clone());
+    }
+
+    fn requeue(&mut self, task: TaskId) {
+        let max = self.max_retries;
+        let Some(entry) = self.tasks.get_mut(&task) else { return };
+        if entry.attempts > max {
+            let attempts = entry.attempts;
+            self.finish(task, Err(TaskError::NodesLost { attempts }));
+            return;
+        }
+        entry.running_on = None;
+        self.stats.requeued += 1;
+        // Re-queued work goes first: it has waited longest.
+        self.queue.push_front(task);
+    }
+}
+
+impl Actor for TaskManager {
+    type Msg = TmMsg;
+    type State = TmState;
+    type Arguments = TmArgs;
+
+    async fn pre_start(&self, _myself: ActorRef<TmMsg>, args: TmArgs) -> Result<TmState, ActorProcessingErr> {
+        Ok(TmState {
+            nodes: HashMap::new(),
+            order: Vec::new(),
+            cursor: 0,
+            queue: VecDeque::new(),
+            tasks: HashMap::new(),
+            max_retries: args.max_retries,
+            pool_id: args.pool_id,
+            stats: TaskStats::default(),
+            closed: false,
+        })
+    }
+
+    async fn handle(&self, myself: ActorRef<TmMsg>, message: TmMsg, state: &mut TmState) -> Result<(), ActorProcessingErr> {
+        match message {
+            TmMsg::Submit(request) => {
+                if state.closed {
+                    let _ = request.reply.send(Done { result: Err(TaskError::PoolClosed), rank: None });
+                    return Ok(());
+                }
+                let id = request.id;
+                let timer = request.timeout.map(|after| {
+                    let me = myself.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let _ = me.cast(TmMsg::TimedOut { task: id, after });
+                    })
+                    .abort_handle()
+                });
+                state.tasks.insert(id, Entry { request, attempts: 0, running_on: None, timer });
+                // Fast path: nothing queued, dispatch right away.
+                let placement = state.tasks[&id].request.placement;
+                if state.queue.is_empty()
+                    && let Some(rank) = state.pick(placement)
+                {
+                    state.dispatch(id, rank);
+                } else {
+                    state.queue.push_back(id);
+                    state.drain();
+                }
+            }
+            TmMsg::Completed { task, rank, outcome } => {
+                let owned = state.tasks.get(&task).is_some_and(|e| e.running_on == Some(rank));
+                if owned {
+                    let result = match outcome {
+                        Outcome::Value(bytes) => Ok(bytes),
+                        Outcome::Error(e) => Err(TaskError::Remote(e)),
+                        Outcome::Cancelled => Err(TaskError::Cancelled),
+                    };
+                    state.finish(task, result);
+                    state.drain();
+                }
+            }
+            TmMsg::Forgotten { task, rank } => {
+                if state.tasks.get(&task).is_some_and(|e| e.running_on == Some(rank)) {
+                    if let Some(slot) = state.nodes.get_mut(&rank) {
+                        slot.busy = slot.busy.saturating_sub(1);
+                    }
+                    state.requeue(task);
+                    state.drain();
+                }
+            }
+            TmMsg::NodeReady { node } => {
+                let rank = node.rank;
+                let capacity = node.slots.max(1);
+                state.nodes.insert(rank, Slot { node, capacity, busy: 0 });
+                if !state.order.contains(&rank) {
+                    state.order.push(rank);
+                    state.order.sort_unstable();
+                }
+                state.stats.ready_nodes = state.nodes.len();
+                state.drain();
+            }
+            TmMsg::NodeLost { rank, in_flight } => {
+                state.nodes.remove(&rank);
+                state.order.retain(|r| *r != rank);
+                state.cursor = 0;
+                state.stats.ready_nodes = state.nodes.len();
+                let mut owned: Vec<TaskId> = state.tasks.iter().filter(|(_, e)| e.running_on == Some(rank)).map(|(t, _)| *t).collect();
+                owned.extend(in_flight);
+                owned.sort_unstable();
+                owned.dedup();
+                for task in owned.into_iter().rev() {
+                    state.requeue(task);
+                }
+                state.drain();
+            }
+            TmMsg::Cancel { task } => {
+                if let Some(rank) = state.tasks.get(&task).and_then(|e| e.running_on)
+                    && let Some(slot) = state.nodes.get(&rank)
+                {
+                    slot.node.cancel(task);
+                }
+                state.queue.retain(|t| *t != task);
+                state.finish(task, Err(TaskError::Cancelled));
+                state.drain();
+            }
+            TmMsg::TimedOut { task, after } => {
+                if let Some(rank) = state.tasks.get(&task).and_then(|e| e.running_on)
+                    && let Some(slot) = state.nodes.get(&rank)
+                {
+                    slot.node.cancel(task);
+                }
+                state.queue.retain(|t| *t != task);
+                state.finish(task, Err(TaskError::Timeout(after)));
+                state.drain();
+            }
+            TmMsg::Credit { task, items } => {
+                if let Some(rank) = state.tasks.get(&task).and_then(|e| e.running_on)
+                    && let Some(slot) = state.nodes.get(&rank)
+                {
+                    slot.node.grant(task, items);
+                }
+            }
+            TmMsg::Ranks(reply) => {
+                let _ = reply.send(state.order.clone());
+            }
+            TmMsg::Stats(reply) => {
+                let mut stats = state.stats.clone();
+                stats.queued = state.queue.len();
+                stats.running = state.tasks.values().filter(|e| e.running_on.is_some()).count();
+                let _ = reply.send(stats);
+            }
+            TmMsg::Close => {
+                state.closed = true;
+                let tasks: Vec<TaskId> = state.tasks.keys().copied().collect();
+                for task in tasks {
+                    state.finish(task, Err(TaskError::PoolClosed));
+                }
+                state.queue.clear();
+            }
+        }
+        Ok(())
+    }
+}

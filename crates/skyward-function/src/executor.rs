@@ -1,0 +1,229 @@
+//! The executor role: the user's program, started by the worker, serving function calls over a
+//! node-local Unix socket.
+//!
+//! A panic in a function becomes a `RemoteError` of kind `Panic` with the message and location;
+//! the executor keeps serving. An abort or a segfault ends the process: the worker notices the
+//! closed socket, fails the calls in flight with `ExecutorDied`, and starts a new executor.
+
+use crate::context;
+use crate::{Invoke, lookup};
+use futures::{FutureExt, StreamExt};
+use skyward_proto::codec::{self, FrameDecoder};
+use skyward_proto::error::{RemoteError, RemoteErrorKind};
+use skyward_proto::exec::{FromExecutor, ToExecutor};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Once};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::{Semaphore, mpsc};
+
+thread_local! {
+    static PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Take the location recorded by the last panic on this thread.
+pub(crate) fn take_panic_location() -> Option<String> {
+    PANIC_LOCATION.with(|p| p.borrow_mut().take())
+}
+
+/// Record a panic location on this thread (used when a panic is carried across threads).
+pub(crate) fn set_panic_location(location: Option<String>) {
+    PANIC_LOCATION.with(|p| *p.borrow_mut() = location);
+}
+
+fn install_panic_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let location = info.location().map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+            set_panic_location(location);
+            default(info);
+        }));
+    });
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}
+
+/// Errors that end the executor.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    /// The socket could not be reached.
+    #[error("executor could not connect to the worker at {path}: {source}")]
+    Connect {
+        /// Socket path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The worker sent something undecodable.
+    #[error("executor protocol error: {0}")]
+    Protocol(#[from] skyward_proto::ProtocolError),
+    /// Socket I/O failed.
+    #[error("executor socket error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+type Calls = Arc<Mutex<HashMap<u64, (tokio::task::AbortHandle, Option<Arc<Semaphore>>)>>>;
+
+/// Serve calls on the socket at `path` until the worker closes it.
+pub async fn serve(path: &str) -> Result<(), ExecutorError> {
+    install_panic_hook();
+    let stream = UnixStream::connect(path).await.map_err(|source| ExecutorError::Connect { path: path.into(), source })?;
+    let (mut reader, mut writer) = stream.into_split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<FromExecutor>();
+    let writer_task = tokio::spawn(async move {
+        let mut buf = Vec::with_capacity(4096);
+        while let Some(first) = rx.recv().await {
+            buf.clear();
+            if codec::encode_frame(&first, &mut buf).is_err() {
+                continue;
+            }
+            // Batch whatever else is ready into the same write: fewer syscalls under load.
+            while buf.len() < 256 * 1024 {
+                match rx.try_recv() {
+                    Ok(more) => {
+                        let _ = codec::encode_frame(&more, &mut buf);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if writer.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+    });
+    let functions = u32::try_from(crate::FUNCTIONS.len()).unwrap_or(u32::MAX);
+    let _ = tx.send(FromExecutor::Ready { pid: std::process::id(), functions });
+
+    let calls: Calls = Arc::default();
+    let mut decoder = FrameDecoder::new(codec::DEFAULT_MAX_FRAME);
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = reader.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        decoder.push(&chunk[..n]);
+        while let Some(message) = decoder.next::<ToExecutor>("ToExecutor")? {
+            handle(message, &tx, &calls);
+        }
+    }
+    drop(tx);
+    for (_, (abort, _)) in calls.lock().expect("calls lock").drain() {
+        abort.abort();
+    }
+    let _ = writer_task.await;
+    Ok(())
+}
+
+fn handle(message: ToExecutor, tx: &mpsc::UnboundedSender<FromExecutor>, calls: &Calls) {
+    match message {
+        ToExecutor::Call { id, name, args, info, streaming, credit } => {
+            let tx = tx.clone();
+            let Some(entry) = lookup(&name) else {
+                let mut names = crate::registered_names();
+                names.truncate(20);
+                let err = RemoteError::new(
+                    RemoteErrorKind::UnknownFunction,
+                    format!(
+                        "function `{name}` is not registered in this binary (registered: {}); was it marked #[skyward::function] and does the pool run the same binary?",
+                        if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                    ),
+                );
+                let _ = tx.send(FromExecutor::Done { id, result: Err(err) });
+                return;
+            };
+            let info = Arc::new(info);
+            let semaphore = streaming.then(|| Arc::new(Semaphore::new(credit as usize)));
+            let calls_for_task = Arc::clone(calls);
+            let invoke = entry.invoke;
+            let sem = semaphore.clone();
+            // Hold the lock across spawn + insert so a fast task's removal cannot precede its insert.
+            let mut guard = calls.lock().expect("calls lock");
+            let handle = tokio::spawn(async move {
+                let body = async {
+                    match (invoke, sem) {
+                        (Invoke::Unary(f), _) => f(args).await.map(serde_bytes::ByteBuf::from),
+                        (Invoke::Stream(f), Some(sem)) => {
+                            let mut stream = f(args).await?;
+                            while let Some(item) = stream.next().await {
+                                let payload = item?;
+                                let Ok(permit) = sem.acquire().await else { break };
+                                permit.forget();
+                                if tx.send(FromExecutor::Item { id, payload }).is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(serde_bytes::ByteBuf::new())
+                        }
+                        (Invoke::Stream(_), None) => {
+                            Err(RemoteError::new(RemoteErrorKind::Worker, "streaming function called as a unary one; use pool.stream(..)"))
+                        }
+                    }
+                };
+                let result = match std::panic::AssertUnwindSafe(context::scope(info, body)).catch_unwind().await {
+                    Ok(result) => result,
+                    Err(payload) => Err(RemoteError {
+                        kind: RemoteErrorKind::Panic,
+                        type_name: "panic".into(),
+                        message: panic_message(payload.as_ref()),
+                        chain: Vec::new(),
+                        location: take_panic_location(),
+                    }),
+                };
+                calls_for_task.lock().expect("calls lock").remove(&id);
+                let _ = tx.send(FromExecutor::Done { id, result });
+            });
+            guard.insert(id, (handle.abort_handle(), semaphore));
+        }
+        ToExecutor::Credit { id, items } => {
+            if let Some((_, Some(sem))) = calls.lock().expect("calls lock").get(&id) {
+                sem.add_permits(items as usize);
+            }
+        }
+        ToExecutor::Cancel { id } => {
+            if let Some((abort, _)) = calls.lock().expect("calls lock").remove(&id) {
+                abort.abort();
+            }
+        }
+    }
+}
+
+/// If this process was started in executor role, serve calls and exit; otherwise return.
+///
+/// Called by `skyward::init()`; must run before the program does anything else.
+pub fn run_if_executor() {
+    if std::env::var(skyward_proto::exec::ENV_ROLE).as_deref() != Ok(skyward_proto::exec::ROLE_EXECUTOR) {
+        return;
+    }
+    let Ok(path) = std::env::var(skyward_proto::exec::ENV_EXECUTOR_SOCKET) else {
+        eprintln!("skyward executor: {} is not set", skyward_proto::exec::ENV_EXECUTOR_SOCKET);
+        std::process::exit(2);
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("skyward executor: cannot start a runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    let code = match runtime.block_on(serve(&path)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("skyward executor: {e}");
+            1
+        }
+    };
+    runtime.shutdown_background();
+    std::process::exit(code);
+}

@@ -1,0 +1,77 @@
+//! Length-prefixed frames over quinn streams.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use skyward_proto::ProtocolError;
+use skyward_proto::codec::{self, FrameDecoder};
+
+/// Errors reading frames from a stream.
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    /// The peer sent bytes that are not a valid frame.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The stream failed.
+    #[error("stream read failed: {0}")]
+    Read(#[from] quinn::ReadError),
+}
+
+/// Reads whole frames from a QUIC receive stream.
+#[derive(Debug)]
+pub struct FramedRecv {
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+    finished: bool,
+}
+
+impl FramedRecv {
+    /// Wrap `recv`, refusing frames over `max_frame` bytes.
+    pub fn new(recv: quinn::RecvStream, max_frame: usize) -> Self {
+        Self { recv, decoder: FrameDecoder::new(max_frame), finished: false }
+    }
+
+    /// Next message, or `None` once the peer finished the stream cleanly.
+    pub async fn next<T: DeserializeOwned>(&mut self, what: &'static str) -> Result<Option<T>, RecvError> {
+        loop {
+            if let Some(message) = self.decoder.next::<T>(what)? {
+                return Ok(Some(message));
+            }
+            if self.finished {
+                if self.decoder.buffered() > 0 {
+                    return Err(ProtocolError::Malformed { what, reason: "stream ended inside a frame".into() }.into());
+                }
+                return Ok(None);
+            }
+            match self.recv.read_chunk(1024 * 1024, true).await? {
+                Some(chunk) => self.decoder.push(&chunk.bytes),
+                None => self.finished = true,
+            }
+        }
+    }
+
+    /// The underlying stream.
+    pub fn inner_mut(&mut self) -> &mut quinn::RecvStream {
+        &mut self.recv
+    }
+}
+
+/// Encode `messages` into one buffer and write it with a single call.
+pub async fn write_frames<T: Serialize>(send: &mut quinn::SendStream, messages: &[T]) -> Result<(), WriteError> {
+    let mut buf = Vec::with_capacity(64 * messages.len());
+    for m in messages {
+        codec::encode_frame(m, &mut buf)?;
+    }
+    send.write_all(&buf).await?;
+    Ok(())
+}
+
+/// Errors writing frames.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// A message could not be encoded.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The stream failed.
+    #[error("stream write failed: {0}")]
+    Write(#[from] quinn::WriteError),
+}

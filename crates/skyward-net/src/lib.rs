@@ -1,0 +1,70 @@
+//! QUIC transport for Skyward: per-pool mutual TLS and framed streams over quinn.
+//!
+//! Each pool generates its own certificate authority ([`tls::PoolCa`]). The coordinator's QUIC
+//! server presents a certificate signed by it and accepts only clients whose certificate the same
+//! CA signed; workers get their certificate and the CA when they start. Nothing without the pool's
+//! certificate gets past the TLS handshake.
+//!
+//! Architecture invariant: this crate moves frames; it knows the protocol's framing but none of its
+//! state machines, and nothing of actors or providers.
+
+pub mod framed;
+pub mod tls;
+
+pub use framed::{FramedRecv, RecvError, WriteError, write_frames};
+pub use tls::{CertBundle, PoolCa, TlsError};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Server name every coordinator certificate carries and every worker checks.
+pub const COORDINATOR_SERVER_NAME: &str = "skyward-coordinator";
+
+/// ALPN protocol id of Skyward's wire protocol.
+pub const ALPN: &[u8] = b"skyward/1";
+
+/// Install the process-wide rustls crypto provider (aws-lc-rs). Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+fn transport_config(idle_timeout: Duration) -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(100_000u32.into());
+    transport.max_concurrent_uni_streams(1_000u32.into());
+    transport.stream_receive_window((16u32 * 1024 * 1024).into());
+    transport.receive_window((256u32 * 1024 * 1024).into());
+    transport.send_window(256 * 1024 * 1024);
+    transport.keep_alive_interval(Some(idle_timeout / 4));
+    transport.max_idle_timeout(Some(idle_timeout.try_into().expect("idle timeout fits")));
+    transport
+}
+
+/// A QUIC server endpoint for the coordinator bound to `addr`.
+pub fn server_endpoint(
+    addr: SocketAddr,
+    ca: &CertBundle,
+    server: &CertBundle,
+    idle_timeout: Duration,
+) -> Result<quinn::Endpoint, TlsError> {
+    install_crypto_provider();
+    let tls = tls::server_tls(ca, server)?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config(idle_timeout)));
+    quinn::Endpoint::server(config, addr).map_err(TlsError::Bind)
+}
+
+/// A QUIC client endpoint for a worker, presenting `client` and trusting only `ca`.
+pub fn client_endpoint(ca_cert_pem: &str, client: &CertBundle, idle_timeout: Duration) -> Result<quinn::Endpoint, TlsError> {
+    install_crypto_provider();
+    let tls = tls::client_tls(ca_cert_pem, client)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config(idle_timeout)));
+    let bind: SocketAddr = "0.0.0.0:0".parse().expect("static address");
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(TlsError::Bind)?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}

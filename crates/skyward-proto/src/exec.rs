@@ -1,0 +1,75 @@
+//! Messages between a worker and its executor (the user's program in executor role) over the
+//! node-local socket. Same framing and codec as the wire protocol.
+
+use crate::error::RemoteError;
+use crate::message::InstanceInfo;
+use serde::{Deserialize, Serialize};
+
+/// Worker to executor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToExecutor {
+    /// Run a registered function.
+    Call {
+        /// Call id, unique per executor connection.
+        id: u64,
+        /// Registered name.
+        name: String,
+        /// Encoded arguments.
+        #[serde(with = "serde_bytes")]
+        args: Vec<u8>,
+        /// Node facts for the task context.
+        info: InstanceInfo,
+        /// Whether the function yields a stream.
+        streaming: bool,
+        /// Stream items the executor may send before waiting for credit.
+        credit: u32,
+    },
+    /// More stream credit for a call.
+    Credit {
+        /// Call id.
+        id: u64,
+        /// Additional items.
+        items: u32,
+    },
+    /// Abort a call; no reply is expected.
+    Cancel {
+        /// Call id.
+        id: u64,
+    },
+}
+
+/// Executor to worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromExecutor {
+    /// Sent once after connecting.
+    Ready {
+        /// Process id of the executor.
+        pid: u32,
+        /// Number of functions registered in the binary.
+        functions: u32,
+    },
+    /// One stream item.
+    Item {
+        /// Call id.
+        id: u64,
+        /// Encoded item.
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
+    /// A call finished.
+    Done {
+        /// Call id.
+        id: u64,
+        /// Encoded result or the error.
+        result: Result<serde_bytes::ByteBuf, RemoteError>,
+    },
+}
+
+/// Environment variable naming the role a Skyward-enabled program starts in.
+pub const ENV_ROLE: &str = "SKYWARD_ROLE";
+/// Value of [`ENV_ROLE`] for the executor role.
+pub const ROLE_EXECUTOR: &str = "executor";
+/// Value of [`ENV_ROLE`] for the embedded worker role.
+pub const ROLE_WORKER: &str = "worker";
+/// Environment variable holding the executor socket path.
+pub const ENV_EXECUTOR_SOCKET: &str = "SKYWARD_EXECUTOR_SOCKET";

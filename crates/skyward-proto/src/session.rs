@@ -1,0 +1,671 @@
+//! The two ends of a coordinator-worker connection as state machines.
+//!
+//! Input: `handle(message, now)`, `handle_timeout(now)` and calls for local actions (submit,
+//! finish, ...). Output: `poll_transmit()` (messages to send) and `poll_event()` (things the glue
+//! must act on). Neither end reads a clock or touches a socket.
+//!
+//! Delivery rules the two ends keep together:
+//! - a task's outcome is produced once per task id: a duplicate `Submit` is answered from the
+//!   worker's cache or ignored while the task runs, and a duplicate `Done` is dropped by the
+//!   coordinator;
+//! - after a reconnect the coordinator sends `Resume` for each task in flight and the worker answers
+//!   from its cache, keeps running it, or says it does not know it (then the task is re-queued);
+//!   until a running task's `Resume` arrives, the worker holds back its items and outcome;
+//! - stream items carry a sequence number; the worker keeps unacknowledged items (bounded by the
+//!   credit window) and sends them again after a resume, and the coordinator drops duplicates. A task
+//!   that finished while disconnected keeps its unacknowledged items with its cached outcome, and a
+//!   resume sends them before the outcome;
+//! - credit lost with a connection is restored after a resume: `Resume` sets the worker's window back
+//!   to `items_received`, and the coordinator follows it with a `Credit` for whatever it granted
+//!   beyond that.
+
+use crate::cache::ResultCache;
+use crate::error::ProtocolError;
+use crate::message::*;
+use crate::{PROTOCOL_VERSION, Time};
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+// ---------------------------------------------------------------------------------------------
+// Worker side
+// ---------------------------------------------------------------------------------------------
+
+/// Settings of a [`WorkerSession`].
+#[derive(Debug, Clone)]
+pub struct WorkerSessionConfig {
+    /// Pool the worker belongs to.
+    pub pool_id: String,
+    /// Node id given by the coordinator.
+    pub node_id: String,
+    /// Coordinator silence after which the worker ends its machine.
+    pub instance_timeout: Duration,
+    /// Result cache bound, entries.
+    pub cache_entries: usize,
+    /// Result cache bound, bytes.
+    pub cache_bytes: usize,
+}
+
+/// What the worker glue must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerEvent {
+    /// Start running a task.
+    Start {
+        /// Task id.
+        task: TaskId,
+        /// What to run.
+        spec: Box<TaskSpec>,
+    },
+    /// Stop a running task (then call [`WorkerSession::finish`] with `Outcome::Cancelled`).
+    Cancel {
+        /// Task id.
+        task: TaskId,
+    },
+    /// A streaming task got more credit; items blocked on it may go now.
+    CreditAvailable {
+        /// Task id.
+        task: TaskId,
+    },
+    /// The coordinator accepted the handshake.
+    Welcomed {
+        /// Rank of this node.
+        rank: u32,
+    },
+    /// The coordinator refused the handshake; exit.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// The coordinator asked whether a binary is present; answer with [`WorkerSession::binary_status`].
+    QueryBinary {
+        /// Content hash.
+        hash: BinaryHash,
+    },
+    /// The coordinator asked the worker to exit.
+    Shutdown,
+    /// The coordinator has been silent longer than the instance timeout: end the machine.
+    CoordinatorSilent {
+        /// How long it has been silent.
+        silent_for: Duration,
+    },
+}
+
+#[derive(Debug)]
+struct RunningTask {
+    /// Items may be sent while `next_seq < window_end`.
+    window_end: u64,
+    next_seq: u64,
+    /// Items sent but not yet known to be received, oldest first.
+    unacked: VecDeque<(u64, Vec<u8>)>,
+    /// Set by [`WorkerSession::hello`] on a new connection: the task's items and outcome wait for
+    /// its `Resume`, which says where the stream goes on. Sent earlier, a `Done` could reach the
+    /// coordinator before the items lost with the old connection, and end the stream with a gap.
+    awaiting_resume: bool,
+}
+
+/// Why an item could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendItemError {
+    /// No credit left: wait for [`WorkerEvent::CreditAvailable`].
+    NoCredit,
+    /// The task is not running.
+    UnknownTask,
+}
+
+/// The worker end of the protocol.
+#[derive(Debug)]
+pub struct WorkerSession {
+    config: WorkerSessionConfig,
+    facts: WorkerFacts,
+    rank: Option<u32>,
+    refused: bool,
+    last_heard: Time,
+    running: HashMap<TaskId, RunningTask>,
+    cache: ResultCache,
+    /// Unacknowledged stream items of finished tasks, kept while their outcome is cached: a resume
+    /// must deliver them before the outcome or the stream would have a gap.
+    finished_items: HashMap<TaskId, VecDeque<(u64, Vec<u8>)>>,
+    transmit: VecDeque<ToCoordinator>,
+    events: VecDeque<WorkerEvent>,
+    silent_reported: bool,
+}
+
+impl WorkerSession {
+    /// A session that has not yet connected; `now` starts the silence timer.
+    pub fn new(config: WorkerSessionConfig, facts: WorkerFacts, now: Time) -> Self {
+        let cache = ResultCache::new(config.cache_entries, config.cache_bytes);
+        Self {
+            config,
+            facts,
+            rank: None,
+            refused: false,
+            last_heard: now,
+            running: HashMap::new(),
+            cache,
+            finished_items: HashMap::new(),
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+            silent_reported: false,
+        }
+    }
+
+    /// The handshake to send first on a (new) connection's control stream.
+    ///
+    /// Marks the start of a new connection: traffic of tasks already running waits for their
+    /// `Resume`, which the coordinator sends once it accepted this hello.
+    pub fn hello(&mut self) -> ToCoordinator {
+        for running in self.running.values_mut() {
+            running.awaiting_resume = true;
+        }
+        let mut held: Vec<TaskId> = self.running.keys().copied().chain(self.cache.tasks()).collect();
+        held.sort();
+        ToCoordinator::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            pool_id: self.config.pool_id.clone(),
+            node_id: self.config.node_id.clone(),
+            worker: self.facts.clone(),
+            held_tasks: held,
+        })
+    }
+
+    /// Rank assigned by the coordinator, once welcomed.
+    pub fn rank(&self) -> Option<u32> {
+        self.rank
+    }
+
+    /// Number of tasks running.
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Number of cached outcomes.
+    pub fn cached(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Feed one message from the coordinator.
+    pub fn handle(&mut self, message: ToWorker, now: Time) -> Result<(), ProtocolError> {
+        if self.refused {
+            return Err(ProtocolError::Unexpected { what: message.name(), state: "refused" });
+        }
+        self.last_heard = self.last_heard.max(now);
+        self.silent_reported = false;
+        match message {
+            ToWorker::Welcome { version, rank } => {
+                if version != PROTOCOL_VERSION {
+                    self.refused = true;
+                    return Err(ProtocolError::VersionMismatch { peer: version, ours: PROTOCOL_VERSION });
+                }
+                self.rank = Some(rank);
+                self.events.push_back(WorkerEvent::Welcomed { rank });
+            }
+            ToWorker::Refused { reason } => {
+                self.refused = true;
+                self.events.push_back(WorkerEvent::Refused { reason });
+            }
+            ToWorker::Heartbeat { seq } => self.transmit.push_back(ToCoordinator::HeartbeatAck { seq }),
+            ToWorker::Submit { task, spec } => {
+                if let Some(outcome) = self.cache.get(task) {
+                    self.transmit.push_back(ToCoordinator::Done { task, outcome: outcome.clone() });
+                } else if let Entry::Vacant(slot) = self.running.entry(task) {
+                    let window = u64::from(spec.initial_credit);
+                    slot.insert(RunningTask { window_end: window, next_seq: 0, unacked: VecDeque::new(), awaiting_resume: false });
+                    self.events.push_back(WorkerEvent::Start { task, spec });
+                }
+            }
+            ToWorker::Cancel { task } => {
+                if self.running.contains_key(&task) {
+                    self.events.push_back(WorkerEvent::Cancel { task });
+                }
+            }
+            ToWorker::Credit { task, items, received } => {
+                if let Some(running) = self.running.get_mut(&task) {
+                    let was_blocked = running.next_seq >= running.window_end;
+                    running.window_end += u64::from(items);
+                    while running.unacked.front().is_some_and(|(seq, _)| *seq < received) {
+                        running.unacked.pop_front();
+                    }
+                    if was_blocked && running.next_seq < running.window_end {
+                        self.events.push_back(WorkerEvent::CreditAvailable { task });
+                    }
+                } else if let Some(items) = self.finished_items.get_mut(&task) {
+                    while items.front().is_some_and(|(seq, _)| *seq < received) {
+                        items.pop_front();
+                    }
+                }
+            }
+            ToWorker::Resume { task, items_received } => {
+                if let Some(outcome) = self.cache.get(task) {
+                    if let Some(items) = self.finished_items.get_mut(&task) {
+                        while items.front().is_some_and(|(seq, _)| *seq < items_received) {
+                            items.pop_front();
+                        }
+                        for (seq, payload) in items.iter() {
+                            self.transmit.push_back(ToCoordinator::Item { task, seq: *seq, payload: payload.clone() });
+                        }
+                    }
+                    self.transmit.push_back(ToCoordinator::Done { task, outcome: outcome.clone() });
+                } else if let Some(running) = self.running.get_mut(&task) {
+                    running.awaiting_resume = false;
+                    while running.unacked.front().is_some_and(|(seq, _)| *seq < items_received) {
+                        running.unacked.pop_front();
+                    }
+                    for (seq, payload) in &running.unacked {
+                        self.transmit.push_back(ToCoordinator::Item { task, seq: *seq, payload: payload.clone() });
+                    }
+                    // Credit granted on the old connection may have been lost with it: fall back to
+                    // what the coordinator has received; the `Credit` it sends after the `Resume`
+                    // brings the window to exactly what it granted.
+                    running.window_end = items_received;
+                } else {
+                    self.transmit.push_back(ToCoordinator::UnknownTask { task });
+                }
+            }
+            ToWorker::Ack { task } => {
+                self.cache.remove(task);
+                self.finished_items.remove(&task);
+            }
+            ToWorker::QueryBinary { hash } => self.events.push_back(WorkerEvent::QueryBinary { hash }),
+            // The glue handles binary uploads itself; the frame only opens the byte stream.
+            ToWorker::PutBinary { .. } => {}
+            ToWorker::Shutdown => self.events.push_back(WorkerEvent::Shutdown),
+        }
+        Ok(())
+    }
+
+    /// Answer a [`WorkerEvent::QueryBinary`].
+    pub fn binary_status(&mut self, hash: BinaryHash, present: bool) {
+        self.transmit.push_back(ToCoordinator::BinaryStatus { hash, present });
+    }
+
+    /// Queue one stream item of a running task, if its credit allows.
+    pub fn send_item(&mut self, task: TaskId, payload: Vec<u8>) -> Result<(), SendItemError> {
+        let running = self.running.get_mut(&task).ok_or(SendItemError::UnknownTask)?;
+        if running.next_seq >= running.window_end {
+            return Err(SendItemError::NoCredit);
+        }
+        let seq = running.next_seq;
+        running.next_seq += 1;
+        running.unacked.push_back((seq, payload.clone()));
+        if !running.awaiting_resume {
+            self.transmit.push_back(ToCoordinator::Item { task, seq, payload });
+        }
+        Ok(())
+    }
+
+    /// Queue a line of command output.
+    pub fn output(&mut self, task: TaskId, stream: OutputStream, line: String) {
+        if self.running.contains_key(&task) {
+            self.transmit.push_back(ToCoordinator::Output { task, stream, line });
+        }
+    }
+
+    /// A task ended: cache its outcome and report it.
+    pub fn finish(&mut self, task: TaskId, outcome: Outcome) {
+        let Some(running) = self.running.remove(&task) else {
+            return;
+        };
+        self.cache.insert(task, outcome.clone());
+        if !running.unacked.is_empty() {
+            self.finished_items.insert(task, running.unacked);
+        }
+        // Items of outcomes the cache has evicted can never be resumed: drop them with it.
+        let cache = &self.cache;
+        self.finished_items.retain(|t, _| cache.get(*t).is_some());
+        if !running.awaiting_resume {
+            self.transmit.push_back(ToCoordinator::Done { task, outcome });
+        }
+    }
+
+    /// Next message to send.
+    pub fn poll_transmit(&mut self) -> Option<ToCoordinator> {
+        self.transmit.pop_front()
+    }
+
+    /// Next thing for the glue to do.
+    pub fn poll_event(&mut self) -> Option<WorkerEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Time {
+        self.last_heard + self.config.instance_timeout
+    }
+
+    /// Advance time: reports [`WorkerEvent::CoordinatorSilent`] once the silence is too long.
+    pub fn handle_timeout(&mut self, now: Time) {
+        let silent_for = now.saturating_sub(self.last_heard);
+        if silent_for >= self.config.instance_timeout && !self.silent_reported {
+            self.silent_reported = true;
+            self.events.push_back(WorkerEvent::CoordinatorSilent { silent_for });
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Coordinator side
+// ---------------------------------------------------------------------------------------------
+
+/// Settings of a [`CoordinatorSession`].
+#[derive(Debug, Clone)]
+pub struct CoordinatorSessionConfig {
+    /// The pool's id; a worker of another pool is refused.
+    pub pool_id: String,
+    /// Expected node id of the worker.
+    pub node_id: String,
+    /// Rank given to the node.
+    pub rank: u32,
+    /// How often to probe the worker.
+    pub heartbeat_interval: Duration,
+    /// Silence after which the node counts as lost.
+    pub lost_after: Duration,
+}
+
+/// What happened on a node, for the coordinator glue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// The handshake succeeded.
+    Joined {
+        /// Worker facts.
+        facts: WorkerFacts,
+        /// Whether this is a reconnect of a node that had joined before.
+        reconnect: bool,
+    },
+    /// A line of command output.
+    Output {
+        /// Task id.
+        task: TaskId,
+        /// Which stream.
+        stream: OutputStream,
+        /// The line.
+        line: String,
+    },
+    /// A stream item, delivered once and in order.
+    Item {
+        /// Task id.
+        task: TaskId,
+        /// Position.
+        seq: u64,
+        /// serde-encoded item.
+        payload: Vec<u8>,
+    },
+    /// A task finished. Delivered once per task.
+    Completed {
+        /// Task id.
+        task: TaskId,
+        /// Outcome.
+        outcome: Outcome,
+    },
+    /// The worker does not know the task (lost before it started); re-queue it.
+    Forgotten {
+        /// Task id.
+        task: TaskId,
+    },
+    /// Answer to a binary query.
+    BinaryStatus {
+        /// Hash.
+        hash: BinaryHash,
+        /// Present on the node.
+        present: bool,
+    },
+    /// The worker has been silent too long. Every task in flight is listed, and the session no
+    /// longer tracks them.
+    Lost {
+        /// Tasks that were in flight.
+        in_flight: Vec<TaskId>,
+        /// How long the worker was silent.
+        silent_for: Duration,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CoordState {
+    AwaitingHello,
+    Ready,
+    Lost,
+}
+
+#[derive(Debug, Default)]
+struct InFlight {
+    items_received: u64,
+    /// Stream credit given so far: the initial credit plus every grant.
+    granted: u64,
+}
+
+/// The coordinator end of one node's connection.
+#[derive(Debug)]
+pub struct CoordinatorSession {
+    config: CoordinatorSessionConfig,
+    state: CoordState,
+    joined_before: bool,
+    last_heard: Time,
+    next_heartbeat: Time,
+    heartbeat_seq: u64,
+    in_flight: HashMap<TaskId, InFlight>,
+    transmit: VecDeque<ToWorker>,
+    events: VecDeque<NodeEvent>,
+    rtt: Option<Duration>,
+    heartbeat_sent_at: HashMap<u64, Time>,
+}
+
+impl CoordinatorSession {
+    /// A session waiting for the worker's hello; `now` starts the silence timer.
+    pub fn new(config: CoordinatorSessionConfig, now: Time) -> Self {
+        let next_heartbeat = now + config.heartbeat_interval;
+        Self {
+            config,
+            state: CoordState::AwaitingHello,
+            joined_before: false,
+            last_heard: now,
+            next_heartbeat,
+            heartbeat_seq: 0,
+            in_flight: HashMap::new(),
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+            rtt: None,
+            heartbeat_sent_at: HashMap::new(),
+        }
+    }
+
+    /// Whether the handshake is done and the node not lost.
+    pub fn is_ready(&self) -> bool {
+        self.state == CoordState::Ready
+    }
+
+    /// Whether the node was declared lost.
+    pub fn is_lost(&self) -> bool {
+        self.state == CoordState::Lost
+    }
+
+    /// Latest heartbeat round trip.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt
+    }
+
+    /// Tasks submitted and not yet completed.
+    pub fn in_flight(&self) -> impl Iterator<Item = TaskId> + '_ {
+        self.in_flight.keys().copied()
+    }
+
+    /// Number of tasks in flight.
+    pub fn in_flight_len(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// A new connection from the worker (first or after a reconnect): expect a hello again.
+    pub fn connection_opened(&mut self, now: Time) {
+        if self.state != CoordState::Lost {
+            self.state = CoordState::AwaitingHello;
+            self.last_heard = self.last_heard.max(now);
+        }
+    }
+
+    /// Validate the worker's handshake. On success `Welcome` is queued, followed by a `Resume` for
+    /// every task in flight (the glue sends each on that task's new stream).
+    pub fn handle_hello(&mut self, hello: Hello, now: Time) -> Result<(), ProtocolError> {
+        let refuse = |s: &mut Self, e: ProtocolError| {
+            s.transmit.push_back(ToWorker::Refused { reason: e.to_string() });
+            Err(e)
+        };
+        if hello.version != PROTOCOL_VERSION {
+            return refuse(self, ProtocolError::VersionMismatch { peer: hello.version, ours: PROTOCOL_VERSION });
+        }
+        if hello.pool_id != self.config.pool_id {
+            return refuse(self, ProtocolError::WrongPool { peer: hello.pool_id, ours: self.config.pool_id.clone() });
+        }
+        if hello.node_id != self.config.node_id {
+            return refuse(
+                self,
+                ProtocolError::Malformed { what: "Hello", reason: format!("node id {} is not {}", hello.node_id, self.config.node_id) },
+            );
+        }
+        if self.state == CoordState::Lost {
+            return refuse(self, ProtocolError::Unexpected { what: "Hello", state: "lost" });
+        }
+        self.last_heard = self.last_heard.max(now);
+        self.state = CoordState::Ready;
+        self.transmit.push_back(ToWorker::Welcome { version: PROTOCOL_VERSION, rank: self.config.rank });
+        let reconnect = self.joined_before;
+        self.joined_before = true;
+        // Every task in flight, not only after a reconnect: a task submitted before the first
+        // handshake completed may have gone out on a connection that broke before it arrived.
+        {
+            let mut tasks: Vec<(TaskId, u64, u64)> = self.in_flight.iter().map(|(t, f)| (*t, f.items_received, f.granted)).collect();
+            tasks.sort();
+            for (task, items_received, granted) in tasks {
+                self.transmit.push_back(ToWorker::Resume { task, items_received });
+                // `Resume` sets the worker's window back to `items_received` (a `Credit` may have been
+                // lost with the old connection); restore what was granted beyond it.
+                if granted > items_received {
+                    let items = u32::try_from(granted - items_received).unwrap_or(u32::MAX);
+                    self.transmit.push_back(ToWorker::Credit { task, items, received: items_received });
+                }
+            }
+        }
+        self.events.push_back(NodeEvent::Joined { facts: hello.worker, reconnect });
+        Ok(())
+    }
+
+    /// Record a task as in flight and return the message that submits it.
+    pub fn submit(&mut self, task: TaskId, spec: TaskSpec) -> ToWorker {
+        self.in_flight.entry(task).or_insert_with(|| InFlight { items_received: 0, granted: u64::from(spec.initial_credit) });
+        ToWorker::Submit { task, spec: Box::new(spec) }
+    }
+
+    /// Message that cancels a task.
+    pub fn cancel(&mut self, task: TaskId) -> ToWorker {
+        ToWorker::Cancel { task }
+    }
+
+    /// Stop tracking a task without an outcome (timed out or abandoned by the coordinator).
+    pub fn forget(&mut self, task: TaskId) {
+        self.in_flight.remove(&task);
+    }
+
+    /// Message granting `items` more stream credit to a task.
+    pub fn grant(&mut self, task: TaskId, items: u32) -> ToWorker {
+        let received = match self.in_flight.get_mut(&task) {
+            Some(flight) => {
+                flight.granted += u64::from(items);
+                flight.items_received
+            }
+            None => 0,
+        };
+        ToWorker::Credit { task, items, received }
+    }
+
+    /// Feed one message from the worker.
+    pub fn handle(&mut self, message: ToCoordinator, now: Time) -> Result<(), ProtocolError> {
+        if self.state == CoordState::Lost {
+            if let ToCoordinator::Hello(hello) = message {
+                // The worker of a lost node dialled in again: refuse it so it exits instead of
+                // running orphaned tasks until its instance timeout.
+                return self.handle_hello(hello, now);
+            }
+            // Late traffic from a node already declared lost: its tasks were re-queued elsewhere.
+            return Ok(());
+        }
+        self.last_heard = self.last_heard.max(now);
+        match message {
+            ToCoordinator::Hello(hello) => return self.handle_hello(hello, now),
+            ToCoordinator::HeartbeatAck { seq } => {
+                if let Some(sent) = self.heartbeat_sent_at.remove(&seq) {
+                    self.rtt = Some(now.saturating_sub(sent));
+                }
+            }
+            ToCoordinator::Output { task, stream, line } => {
+                if self.in_flight.contains_key(&task) {
+                    self.events.push_back(NodeEvent::Output { task, stream, line });
+                }
+            }
+            ToCoordinator::Item { task, seq, payload } => {
+                if let Some(flight) = self.in_flight.get_mut(&task)
+                    && seq == flight.items_received
+                {
+                    flight.items_received += 1;
+                    self.events.push_back(NodeEvent::Item { task, seq, payload });
+                }
+            }
+            ToCoordinator::Done { task, outcome } => {
+                // Ack even duplicates so the worker can drop its cached copy.
+                self.transmit.push_back(ToWorker::Ack { task });
+                if self.in_flight.remove(&task).is_some() {
+                    self.events.push_back(NodeEvent::Completed { task, outcome });
+                }
+            }
+            ToCoordinator::UnknownTask { task } => {
+                if self.in_flight.remove(&task).is_some() {
+                    self.events.push_back(NodeEvent::Forgotten { task });
+                }
+            }
+            ToCoordinator::BinaryStatus { hash, present } => self.events.push_back(NodeEvent::BinaryStatus { hash, present }),
+        }
+        Ok(())
+    }
+
+    /// Next message to send.
+    pub fn poll_transmit(&mut self) -> Option<ToWorker> {
+        self.transmit.pop_front()
+    }
+
+    /// Next event.
+    pub fn poll_event(&mut self) -> Option<NodeEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Time> {
+        match self.state {
+            CoordState::Lost => None,
+            _ => Some(self.next_heartbeat.min(self.last_heard + self.config.lost_after)),
+        }
+    }
+
+    /// Advance time: send heartbeats, declare the node lost after too long a silence.
+    pub fn handle_timeout(&mut self, now: Time) {
+        if self.state == CoordState::Lost {
+            return;
+        }
+        let silent_for = now.saturating_sub(self.last_heard);
+        if silent_for >= self.config.lost_after {
+            self.state = CoordState::Lost;
+            let mut in_flight: Vec<TaskId> = self.in_flight.drain().map(|(t, _)| t).collect();
+            in_flight.sort();
+            self.transmit.clear();
+            self.events.push_back(NodeEvent::Lost { in_flight, silent_for });
+            return;
+        }
+        if now >= self.next_heartbeat {
+            if self.state == CoordState::Ready {
+                self.heartbeat_seq += 1;
+                self.heartbeat_sent_at.insert(self.heartbeat_seq, now);
+                if self.heartbeat_sent_at.len() > 64 {
+                    let oldest = self.heartbeat_seq - 64;
+                    self.heartbeat_sent_at.retain(|s, _| *s > oldest);
+                }
+                self.transmit.push_back(ToWorker::Heartbeat { seq: self.heartbeat_seq });
+            }
+            self.next_heartbeat = now + self.config.heartbeat_interval;
+        }
+    }
+}

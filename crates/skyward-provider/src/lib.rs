@@ -1,0 +1,177 @@
+//! The `Provider` trait every compute source implements, and the `Local` provider.
+//!
+//! A provider turns "I need a node with this worker configuration" into a running worker and
+//! back into nothing. It never sees tasks, sessions or actors.
+//!
+//! Architecture invariant: providers never depend on the coordinator; the coordinator drives them
+//! through this trait only. "Terminated" means the provider confirmed it.
+
+pub mod local;
+pub mod secret;
+
+pub use local::Local;
+pub use secret::Secret;
+
+use futures::future::BoxFuture;
+use std::fmt;
+
+/// What the coordinator tells a provider about the pool.
+#[derive(Debug, Clone)]
+pub struct PoolContext {
+    /// Pool id; every resource a provider creates carries it.
+    pub pool_id: String,
+    /// The pool's state directory on the coordinator's machine.
+    pub state_dir: std::path::PathBuf,
+}
+
+/// Where a worker keeps its files on its machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerLayout {
+    /// Content-addressed executables.
+    pub cache_dir: std::path::PathBuf,
+    /// Sockets, logs, scratch.
+    pub state_dir: std::path::PathBuf,
+}
+
+/// A request for one node.
+#[derive(Debug, Clone)]
+pub struct ProvisionRequest {
+    /// Node id (unique in the pool).
+    pub node_id: String,
+    /// Rank the node will get.
+    pub rank: u32,
+    /// The worker's configuration file (TOML); holds the worker's private key.
+    pub worker_config: Secret<String>,
+}
+
+/// Lifecycle state of an instance as the provider sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceState {
+    /// Requested, not yet running.
+    Pending,
+    /// Running.
+    Running,
+    /// Gone, confirmed.
+    Terminated,
+}
+
+/// One machine (or process, or container) a provider runs for a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    /// Provider-specific id.
+    pub id: String,
+    /// Node id it was provisioned for.
+    pub node_id: String,
+    /// Pool id tag.
+    pub pool_id: String,
+    /// State.
+    pub state: InstanceState,
+    /// Address other nodes can reach it at, if known.
+    pub address: Option<String>,
+}
+
+/// A purchasable configuration (the full catalog arrives with the offers work).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Offer {
+    /// Provider name.
+    pub provider: &'static str,
+    /// Instance type name.
+    pub instance_type: String,
+    /// Price per node-hour in USD (0 for local).
+    pub hourly_price: f64,
+}
+
+/// Errors from a provider, classified for retry and fallback decisions.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The provider has no capacity for the request now.
+    #[error("{provider}: no capacity: {message}")]
+    NoCapacity {
+        /// Provider name.
+        provider: &'static str,
+        /// Details.
+        message: String,
+    },
+    /// The request is invalid (bad configuration).
+    #[error("{provider}: invalid request: {message}")]
+    Invalid {
+        /// Provider name.
+        provider: &'static str,
+        /// Details.
+        message: String,
+    },
+    /// An operation failed in a way that may succeed on retry.
+    #[error("{provider}: {operation} failed: {message}")]
+    Failed {
+        /// Provider name.
+        provider: &'static str,
+        /// What was attempted.
+        operation: &'static str,
+        /// Details.
+        message: String,
+    },
+    /// Termination could not be confirmed: the instance may still run (and cost money).
+    #[error("{provider}: could not confirm termination of {instance}: {message}; it may still be running")]
+    Leaked {
+        /// Provider name.
+        provider: &'static str,
+        /// Instance id.
+        instance: String,
+        /// Details.
+        message: String,
+    },
+}
+
+/// A source of nodes.
+pub trait Provider: Send + Sync + fmt::Debug + 'static {
+    /// Short lower-case name (`local`, `aws`, ...).
+    fn name(&self) -> &'static str;
+
+    /// Whether nodes share a private network (cluster mode by default).
+    fn cluster_by_default(&self) -> bool;
+
+    /// Offers for this provider.
+    fn offers(&self) -> BoxFuture<'_, Result<Vec<Offer>, ProviderError>>;
+
+    /// Create per-pool resources (networks, keys, security groups).
+    fn prepare<'a>(&'a self, pool: &'a PoolContext) -> BoxFuture<'a, Result<(), ProviderError>>;
+
+    /// Start one node whose worker uses `request.worker_config`.
+    fn provision<'a>(&'a self, pool: &'a PoolContext, request: ProvisionRequest) -> BoxFuture<'a, Result<Instance, ProviderError>>;
+
+    /// Current view of one instance; `None` when the provider does not know it.
+    fn get_instance<'a>(&'a self, pool: &'a PoolContext, id: &'a str) -> BoxFuture<'a, Result<Option<Instance>, ProviderError>>;
+
+    /// End one instance and confirm it.
+    fn terminate<'a>(&'a self, pool: &'a PoolContext, id: &'a str) -> BoxFuture<'a, Result<(), ProviderError>>;
+
+    /// End every instance and remove every resource of the pool; confirm.
+    fn teardown<'a>(&'a self, pool: &'a PoolContext) -> BoxFuture<'a, Result<(), ProviderError>>;
+
+    /// Instances tagged with `pool_id` (or with any pool id when `None`), for leak sweeps.
+    fn list_tagged<'a>(&'a self, pool_id: Option<&'a str>) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>>;
+
+    /// Directories the worker of `node_id` uses on its machine.
+    fn worker_layout(&self, pool: &PoolContext, node_id: &str) -> WorkerLayout;
+
+    /// Address the coordinator's QUIC server binds to so this provider's workers can reach it.
+    fn coordinator_bind(&self) -> std::net::IpAddr {
+        std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+    }
+
+    /// Put the executable with SHA-256 `hash_hex` into the nodes' binary cache by the provider's
+    /// own means, if it has any (a shared disk). Returns whether it did; otherwise the coordinator
+    /// uploads it over the worker's connection.
+    fn stage_binary<'a>(
+        &'a self,
+        _pool: &'a PoolContext,
+        _path: &'a std::path::Path,
+        _hash_hex: &'a str,
+    ) -> BoxFuture<'a, Result<bool, ProviderError>> {
+        Box::pin(async { Ok(false) })
+    }
+
+    /// Last-resort synchronous teardown for drop and signal paths, where no runtime may be
+    /// available. Must not block for long.
+    fn emergency_teardown(&self, pool: &PoolContext);
+}

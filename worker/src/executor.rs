@@ -1,0 +1,250 @@
+//! Executor processes: the user's program started in executor role, one per binary hash.
+//!
+//! Supervision: an executor that exits (abort, segfault, kill) fails the calls it had in flight
+//! with `ExecutorDied` and the exit reason; the next call starts a fresh one.
+
+use skyward_proto::codec::{self, FrameDecoder};
+use skyward_proto::error::{RemoteError, RemoteErrorKind};
+use skyward_proto::exec::{ENV_EXECUTOR_SOCKET, ENV_ROLE, FromExecutor, ROLE_EXECUTOR, ToExecutor};
+use skyward_proto::message::{BinaryHash, InstanceInfo};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
+use tokio::sync::{Mutex as AsyncMutex, mpsc};
+
+/// What a call yields, in order: items, then one final result.
+#[derive(Debug)]
+pub enum CallEvent {
+    /// A stream item.
+    Item(Vec<u8>),
+    /// The call ended.
+    Done(Result<Vec<u8>, RemoteError>),
+}
+
+type Waiters = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<CallEvent>>>>;
+
+struct Running {
+    tx: mpsc::UnboundedSender<ToExecutor>,
+    waiters: Waiters,
+    alive: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Starts and reuses executors for the binaries in the cache.
+pub struct Executors {
+    cache_dir: PathBuf,
+    state_dir: PathBuf,
+    next_call: AtomicU64,
+    running: AsyncMutex<HashMap<BinaryHash, Running>>,
+    generation: AtomicU64,
+}
+
+impl std::fmt::Debug for Executors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executors").field("cache_dir", &self.cache_dir).finish_non_exhaustive()
+    }
+}
+
+/// A call in progress.
+#[derive(Debug)]
+pub struct CallHandle {
+    /// Events of the call.
+    pub events: mpsc::UnboundedReceiver<CallEvent>,
+    id: u64,
+    tx: mpsc::UnboundedSender<ToExecutor>,
+}
+
+impl CallHandle {
+    /// Forward stream credit.
+    pub fn credit(&self, items: u32) {
+        let _ = self.tx.send(ToExecutor::Credit { id: self.id, items });
+    }
+
+    /// Abort the call.
+    pub fn cancel(&self) {
+        let _ = self.tx.send(ToExecutor::Cancel { id: self.id });
+    }
+}
+
+/// Path of the cached executable for `hash`.
+pub fn binary_path(cache_dir: &Path, hash: BinaryHash) -> PathBuf {
+    cache_dir.join(hash.to_hex())
+}
+
+fn worker_error(message: String) -> RemoteError {
+    RemoteError::new(RemoteErrorKind::Worker, message)
+}
+
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(signal) = status.signal() {
+        let name = match signal {
+            libc::SIGABRT => "SIGABRT (abort)",
+            libc::SIGSEGV => "SIGSEGV (segmentation fault)",
+            libc::SIGKILL => "SIGKILL (killed; out of memory?)",
+            libc::SIGBUS => "SIGBUS (bus error)",
+            libc::SIGILL => "SIGILL (illegal instruction)",
+            libc::SIGFPE => "SIGFPE (arithmetic exception)",
+            libc::SIGTERM => "SIGTERM",
+            _ => "a signal",
+        };
+        format!("killed by signal {signal}: {name}")
+    } else {
+        format!("exited with code {}", status.code().unwrap_or(-1))
+    }
+}
+
+impl Executors {
+    /// Executors for binaries in `cache_dir`, sockets in `state_dir`.
+    pub fn new(cache_dir: PathBuf, state_dir: PathBuf) -> Self {
+        Self { cache_dir, state_dir, next_call: AtomicU64::new(1), running: AsyncMutex::new(HashMap::new()), generation: AtomicU64::new(0) }
+    }
+
+    /// Start a call of `name` in the executor of `hash`, starting the executor if needed.
+    pub async fn call(
+        &self,
+        hash: BinaryHash,
+        name: String,
+        args: Vec<u8>,
+        info: InstanceInfo,
+        streaming: bool,
+        credit: u32,
+    ) -> Result<CallHandle, RemoteError> {
+        let (tx, waiters) = {
+            let mut running = self.running.lock().await;
+            let alive = running.get(&hash).is_some_and(|r| r.alive.load(Ordering::Acquire));
+            if !alive {
+                let started = self.start(hash).await?;
+                running.insert(hash, started);
+            }
+            let r = running.get(&hash).expect("just inserted");
+            (r.tx.clone(), Arc::clone(&r.waiters))
+        };
+        let id = self.next_call.fetch_add(1, Ordering::Relaxed);
+        let (events_tx, events) = mpsc::unbounded_channel();
+        waiters.lock().expect("waiters").insert(id, events_tx);
+        if tx.send(ToExecutor::Call { id, name, args, info, streaming, credit }).is_err() {
+            waiters.lock().expect("waiters").remove(&id);
+            return Err(RemoteError::new(RemoteErrorKind::ExecutorDied, "executor exited before the call could be sent"));
+        }
+        Ok(CallHandle { events, id, tx })
+    }
+
+    async fn start(&self, hash: BinaryHash) -> Result<Running, RemoteError> {
+        let path = binary_path(&self.cache_dir, hash);
+        if !path.exists() {
+            return Err(worker_error(format!("executable {hash:?} is not on this node; it must be uploaded first")));
+        }
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let socket = self.state_dir.join(format!("exec-{}-{generation}.sock", &hash.to_hex()[..12]));
+        let _ = std::fs::remove_file(&socket);
+        let listener =
+            UnixListener::bind(&socket).map_err(|e| worker_error(format!("cannot bind executor socket {}: {e}", socket.display())))?;
+        let mut child = tokio::process::Command::new(&path)
+            .env(ENV_ROLE, ROLE_EXECUTOR)
+            .env(ENV_EXECUTOR_SOCKET, &socket)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| worker_error(format!("cannot start executor {}: {e}", path.display())))?;
+        let accepted = tokio::select! {
+            a = listener.accept() => a.map_err(|e| worker_error(format!("executor did not connect: {e}"))),
+            status = child.wait() => Err(worker_error(format!(
+                "executor {} {} before connecting; does the program call skyward::init() (or use #[skyward::main]) first thing?",
+                path.display(),
+                status.map(describe_exit).unwrap_or_else(|e| e.to_string())
+            ))),
+            _ = tokio::time::sleep(Duration::from_secs(30)) => Err(worker_error(format!(
+                "executor {} did not connect within 30 s; does the program call skyward::init() first thing?", path.display()))),
+        };
+        let (stream, _) = accepted?;
+        let _ = std::fs::remove_file(&socket);
+        let (mut reader, mut writer) = stream.into_split();
+        let (tx, mut rx) = mpsc::unbounded_channel::<ToExecutor>();
+        tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(4096);
+            while let Some(first) = rx.recv().await {
+                buf.clear();
+                let _ = codec::encode_frame(&first, &mut buf);
+                while buf.len() < 256 * 1024 {
+                    match rx.try_recv() {
+                        Ok(more) => {
+                            let _ = codec::encode_frame(&more, &mut buf);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if writer.write_all(&buf).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let waiters: Waiters = Arc::default();
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let reader_waiters = Arc::clone(&waiters);
+        let reader_alive = Arc::clone(&alive);
+        tokio::spawn(async move {
+            let mut decoder = FrameDecoder::new(codec::DEFAULT_MAX_FRAME);
+            let mut chunk = vec![0u8; 64 * 1024];
+            let mut failure: Option<String> = None;
+            'read: loop {
+                let n = match reader.read(&mut chunk).await {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => {
+                        failure = Some(format!("socket error: {e}"));
+                        break;
+                    }
+                };
+                decoder.push(&chunk[..n]);
+                loop {
+                    match decoder.next::<FromExecutor>("FromExecutor") {
+                        Ok(Some(FromExecutor::Ready { pid, functions })) => {
+                            tracing::debug!(pid, functions, "executor ready");
+                        }
+                        Ok(Some(FromExecutor::Item { id, payload })) => {
+                            if let Some(w) = reader_waiters.lock().expect("waiters").get(&id) {
+                                let _ = w.send(CallEvent::Item(payload));
+                            }
+                        }
+                        Ok(Some(FromExecutor::Done { id, result })) => {
+                            if let Some(w) = reader_waiters.lock().expect("waiters").remove(&id) {
+                                let _ = w.send(CallEvent::Done(result.map(|b| b.into_vec())));
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            failure = Some(format!("executor sent a malformed frame: {e}"));
+                            break 'read;
+                        }
+                    }
+                }
+            }
+            reader_alive.store(false, Ordering::Release);
+            let _ = child.start_kill();
+            let reason = match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+                Ok(Ok(status)) => describe_exit(status),
+                Ok(Err(e)) => format!("could not be waited for: {e}"),
+                Err(_) => "did not exit".to_string(),
+            };
+            let reason = failure.map_or(reason.clone(), |f| format!("{f}; {reason}"));
+            tracing::warn!(%reason, "executor ended; the next call starts a new one");
+            for (_, w) in reader_waiters.lock().expect("waiters").drain() {
+                let _ = w.send(CallEvent::Done(Err(RemoteError::new(
+                    RemoteErrorKind::ExecutorDied,
+                    format!("the executor running this task {reason}"),
+                ))));
+            }
+        });
+        Ok(Running { tx, waiters, alive })
+    }
+
+    /// Stop every executor.
+    pub async fn shutdown(&self) {
+        self.running.lock().await.clear();
+    }
+}

@@ -1,0 +1,580 @@
+//! The Skyward worker: joins a pool over QUIC, runs command tasks and user functions.
+//!
+//! One process per machine. It dials the coordinator (mutual TLS with the pool's CA), sends its
+//! hello on a control stream it opens, and then serves task streams the coordinator opens: one
+//! bidirectional stream per task. Executables arrive on unidirectional streams, content-addressed.
+//! All protocol decisions are made by [`skyward_proto::session::WorkerSession`]; this crate routes
+//! its output to streams, runs tasks, and keeps the connection alive.
+//!
+//! Self-destruct: when the coordinator has been silent longer than `instance_timeout` (silence, not
+//! time since boot), the worker ends its machine (`on_silence`).
+//!
+//! Architecture invariant: the worker never links user code; user functions run in a separate
+//! executor process, so a crash there cannot take the worker down.
+
+pub mod command;
+pub mod config;
+pub mod executor;
+
+use config::{SilenceAction, WorkerConfig};
+use executor::{CallEvent, Executors};
+use sha2::{Digest, Sha256};
+use skyward_net::FramedRecv;
+use skyward_proto::Time;
+use skyward_proto::codec;
+use skyward_proto::error::{RemoteError, RemoteErrorKind};
+use skyward_proto::message::*;
+use skyward_proto::session::{SendItemError, WorkerEvent, WorkerSession, WorkerSessionConfig};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Notify, mpsc};
+
+type Sink = mpsc::UnboundedSender<ToCoordinator>;
+
+/// State shared by the worker's tasks. Guarded by one mutex; sections are short and never await.
+struct Core {
+    session: WorkerSession,
+    /// Output route per task: the stream the task's Submit or Resume arrived on.
+    task_sinks: HashMap<TaskId, Sink>,
+    control: Option<Sink>,
+    runners: HashMap<TaskId, Runner>,
+}
+
+struct Runner {
+    abort: tokio::task::AbortHandle,
+    credit: Arc<Notify>,
+    call: Option<Arc<executor::CallHandle>>,
+}
+
+/// Why the worker stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The coordinator asked it to.
+    Shutdown,
+    /// The coordinator refused the handshake.
+    Refused(String),
+    /// The coordinator was silent too long.
+    CoordinatorSilent(Duration),
+}
+
+struct Worker {
+    config: WorkerConfig,
+    epoch: Instant,
+    core: Mutex<Core>,
+    executors: Executors,
+    exit: Mutex<Option<ExitReason>>,
+    exit_notify: Notify,
+    wake_timer: Notify,
+}
+
+impl Worker {
+    fn now(&self) -> Time {
+        self.epoch.elapsed()
+    }
+
+    fn core(&self) -> std::sync::MutexGuard<'_, Core> {
+        self.core.lock().expect("worker core lock")
+    }
+
+    /// Route every queued outgoing message and act on every queued event.
+    fn pump(self: &Arc<Self>, core: &mut Core) {
+        while let Some(message) = core.session.poll_transmit() {
+            let sink = message.task().and_then(|t| core.task_sinks.get(&t)).or(core.control.as_ref());
+            if let Some(sink) = sink {
+                let done = matches!(message, ToCoordinator::Done { .. });
+                let task = message.task();
+                let _ = sink.send(message);
+                if done && let Some(task) = task {
+                    core.task_sinks.remove(&task);
+                }
+            }
+        }
+        while let Some(event) = core.session.poll_event() {
+            self.act(core, event);
+        }
+    }
+
+    fn finish_exit(&self, reason: ExitReason) {
+        let mut exit = self.exit.lock().expect("exit lock");
+        if exit.is_none() {
+            *exit = Some(reason);
+            self.exit_notify.notify_waiters();
+            self.exit_notify.notify_one();
+        }
+    }
+
+    fn act(self: &Arc<Self>, core: &mut Core, event: WorkerEvent) {
+        match event {
+            WorkerEvent::Start { task, spec } => {
+                let credit = Arc::new(Notify::new());
+                let worker = Arc::clone(self);
+                let credit_for_task = Arc::clone(&credit);
+                let handle = tokio::spawn(async move { worker.run_task(task, *spec, credit_for_task).await });
+                core.runners.insert(task, Runner { abort: handle.abort_handle(), credit, call: None });
+            }
+            WorkerEvent::Cancel { task } => {
+                if let Some(runner) = core.runners.remove(&task) {
+                    runner.abort.abort();
+                    if let Some(call) = runner.call {
+                        call.cancel();
+                    }
+                }
+                core.session.finish(task, Outcome::Cancelled);
+            }
+            WorkerEvent::CreditAvailable { task } => {
+                if let Some(runner) = core.runners.get(&task) {
+                    runner.credit.notify_one();
+                }
+            }
+            WorkerEvent::Welcomed { rank } => tracing::info!(rank, "joined the pool"),
+            WorkerEvent::Refused { reason } => {
+                tracing::error!(%reason, "coordinator refused this worker");
+                self.finish_exit(ExitReason::Refused(reason));
+            }
+            WorkerEvent::QueryBinary { hash } => {
+                let present = executor::binary_path(&self.config.cache_dir, hash).exists();
+                core.session.binary_status(hash, present);
+            }
+            WorkerEvent::Shutdown => self.finish_exit(ExitReason::Shutdown),
+            WorkerEvent::CoordinatorSilent { silent_for } => {
+                tracing::error!(?silent_for, "coordinator silent longer than instance_timeout; ending this machine");
+                self.finish_exit(ExitReason::CoordinatorSilent(silent_for));
+            }
+        }
+    }
+
+    fn handle_incoming(self: &Arc<Self>, message: ToWorker, route: Option<(TaskId, &Sink)>) {
+        let now = self.now();
+        let mut core = self.core();
+        if let Some((task, sink)) = route {
+            core.task_sinks.insert(task, sink.clone());
+        }
+        if let ToWorker::Credit { task, items, .. } = &message
+            && let Some(call) = core.runners.get(task).and_then(|r| r.call.clone())
+        {
+            call.credit(*items);
+        }
+        if let Err(e) = core.session.handle(message, now) {
+            tracing::warn!(error = %e, "protocol error from coordinator");
+        }
+        self.pump(&mut core);
+        drop(core);
+        self.wake_timer.notify_one();
+    }
+
+    async fn run_task(self: Arc<Self>, task: TaskId, spec: TaskSpec, credit: Arc<Notify>) {
+        let outcome = match spec.kind {
+            TaskKind::Command(command) => {
+                let worker = Arc::clone(&self);
+                let result = command::run(command, move |stream, line| {
+                    let mut core = worker.core();
+                    core.session.output(task, stream, line);
+                    worker.pump(&mut core);
+                })
+                .await;
+                match result.and_then(|exit| codec::to_bytes(&exit).map_err(|e| RemoteError::new(RemoteErrorKind::Worker, e.to_string()))) {
+                    Ok(bytes) => Outcome::Value(bytes),
+                    Err(e) => Outcome::Error(e),
+                }
+            }
+            TaskKind::Function { name, binary, args, streaming } => {
+                self.run_function(task, name, binary, args, streaming, spec.info, spec.initial_credit, credit).await
+            }
+        };
+        let mut core = self.core();
+        core.runners.remove(&task);
+        core.session.finish(task, outcome);
+        self.pump(&mut core);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_function(
+        self: &Arc<Self>,
+        task: TaskId,
+        name: String,
+        binary: BinaryHash,
+        args: Vec<u8>,
+        streaming: bool,
+        info: InstanceInfo,
+        initial_credit: u32,
+        credit: Arc<Notify>,
+    ) -> Outcome {
+        let call = match self.executors.call(binary, name, args, info, streaming, initial_credit).await {
+            Ok(call) => call,
+            Err(e) => return Outcome::Error(e),
+        };
+        let (call_ref, mut events) = {
+            let mut call = call;
+            let events = std::mem::replace(&mut call.events, mpsc::unbounded_channel().1);
+            (Arc::new(call), events)
+        };
+        if let Some(runner) = self.core().runners.get_mut(&task) {
+            runner.call = Some(Arc::clone(&call_ref));
+        }
+        // Dropping the handle without a result (task aborted) cancels the executor call.
+        struct CancelOnDrop(Arc<executor::CallHandle>, bool);
+        impl Drop for CancelOnDrop {
+            fn drop(&mut self) {
+                if !self.1 {
+                    self.0.cancel();
+                }
+            }
+        }
+        let mut guard = CancelOnDrop(call_ref, false);
+        while let Some(event) = events.recv().await {
+            match event {
+                CallEvent::Item(mut payload) => loop {
+                    let sent = {
+                        let mut core = self.core();
+                        let r = core.session.send_item(task, payload);
+                        self.pump(&mut core);
+                        r
+                    };
+                    match sent {
+                        Ok(()) => break,
+                        Err(SendItemError::UnknownTask) => return Outcome::Cancelled,
+                        Err(SendItemError::NoCredit) => {
+                            // The executor honours the same window; this only happens if credit
+                            // messages raced. Wait for more credit and retry.
+                            credit.notified().await;
+                            payload = Vec::new();
+                        }
+                    }
+                },
+                CallEvent::Done(result) => {
+                    guard.1 = true;
+                    return match result {
+                        Ok(bytes) => Outcome::Value(bytes),
+                        Err(e) => Outcome::Error(e),
+                    };
+                }
+            }
+        }
+        guard.1 = true;
+        Outcome::Error(RemoteError::new(RemoteErrorKind::ExecutorDied, "executor call ended without a result"))
+    }
+
+    async fn receive_binary(self: &Arc<Self>, mut recv: FramedRecv) -> Result<(), String> {
+        let header: ToWorker = recv.next("PutBinary").await.map_err(|e| e.to_string())?.ok_or("empty binary stream")?;
+        let ToWorker::PutBinary { hash, len } = header else {
+            return Err(format!("unidirectional stream opened with {} instead of PutBinary", header.name()));
+        };
+        let final_path = executor::binary_path(&self.config.cache_dir, hash);
+        if final_path.exists() {
+            let mut core = self.core();
+            core.session.binary_status(hash, true);
+            self.pump(&mut core);
+            return Ok(());
+        }
+        let tmp = self.config.cache_dir.join(format!(".{}.{}.partial", hash.to_hex(), std::process::id()));
+        let result = async {
+            let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+            let mut hasher = Sha256::new();
+            let mut received: u64 = 0;
+            while let Some(chunk) = recv.inner_mut().read_chunk(1 << 20, true).await.map_err(|e| e.to_string())? {
+                hasher.update(&chunk.bytes);
+                file.write_all(&chunk.bytes).await.map_err(|e| e.to_string())?;
+                received += chunk.bytes.len() as u64;
+                if received > len {
+                    return Err(format!("binary stream longer than announced {len} bytes"));
+                }
+            }
+            if received != len {
+                return Err(format!("binary stream ended after {received} of {len} bytes"));
+            }
+            let got = BinaryHash(hasher.finalize().into());
+            if got != hash {
+                return Err(format!("binary checksum mismatch: expected {hash:?}, got {got:?}"));
+            }
+            file.flush().await.map_err(|e| e.to_string())?;
+            use std::os::unix::fs::PermissionsExt;
+            tokio::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).await.map_err(|e| e.to_string())?;
+            tokio::fs::rename(&tmp, &final_path).await.map_err(|e| e.to_string())?;
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        let mut core = self.core();
+        core.session.binary_status(hash, result.is_ok());
+        self.pump(&mut core);
+        result
+    }
+
+    async fn serve_task_stream(self: Arc<Self>, send: quinn::SendStream, recv: quinn::RecvStream) {
+        let (tx, rx) = mpsc::unbounded_channel::<ToCoordinator>();
+        tokio::spawn(write_loop(send, rx));
+        let mut recv = FramedRecv::new(recv, self.config.max_frame);
+        loop {
+            match recv.next::<ToWorker>("ToWorker").await {
+                Ok(Some(message)) => {
+                    let route = match &message {
+                        ToWorker::Submit { task, .. } | ToWorker::Resume { task, .. } => Some(*task),
+                        _ => None,
+                    };
+                    self.handle_incoming(message, route.map(|t| (t, &tx)));
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "closing a task stream");
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn serve_connection(self: &Arc<Self>, connection: quinn::Connection) -> Result<(), String> {
+        let (send, recv) = connection.open_bi().await.map_err(|e| format!("cannot open control stream: {e}"))?;
+        let (tx, rx) = mpsc::unbounded_channel::<ToCoordinator>();
+        let writer = tokio::spawn(write_loop(send, rx));
+        {
+            let mut core = self.core();
+            let hello = core.session.hello();
+            let _ = tx.send(hello);
+            core.control = Some(tx.clone());
+        }
+        let control_reader = {
+            let worker = Arc::clone(self);
+            let max = self.config.max_frame;
+            tokio::spawn(async move {
+                let mut recv = FramedRecv::new(recv, max);
+                loop {
+                    match recv.next::<ToWorker>("ToWorker").await {
+                        Ok(Some(message)) => worker.handle_incoming(message, None),
+                        Ok(None) => return "coordinator closed the control stream".to_string(),
+                        Err(e) => return format!("control stream: {e}"),
+                    }
+                }
+            })
+        };
+        let uni = {
+            let worker = Arc::clone(self);
+            let connection = connection.clone();
+            tokio::spawn(async move {
+                while let Ok(recv) = connection.accept_uni().await {
+                    let worker = Arc::clone(&worker);
+                    let max = worker.config.max_frame;
+                    tokio::spawn(async move {
+                        if let Err(e) = worker.receive_binary(FramedRecv::new(recv, max)).await {
+                            tracing::warn!(error = %e, "binary upload failed");
+                        }
+                    });
+                }
+            })
+        };
+        let reason = loop {
+            tokio::select! {
+                accepted = connection.accept_bi() => match accepted {
+                    Ok((send, recv)) => { tokio::spawn(Arc::clone(self).serve_task_stream(send, recv)); }
+                    Err(e) => break format!("connection closed: {e}"),
+                },
+                _ = self.exit_notify.notified() => break "worker exiting".to_string(),
+            }
+        };
+        control_reader.abort();
+        uni.abort();
+        {
+            let mut core = self.core();
+            core.control = None;
+            core.task_sinks.clear();
+        }
+        drop(tx);
+        let _ = writer.await;
+        Err(reason)
+    }
+
+    async fn timer_loop(self: Arc<Self>) {
+        loop {
+            let deadline = self.core().session.poll_timeout();
+            let now = self.now();
+            if deadline > now {
+                tokio::select! {
+                    _ = tokio::time::sleep(deadline - now) => {}
+                    _ = self.wake_timer.notified() => continue,
+                }
+            }
+            let now = self.now();
+            let mut core = self.core();
+            core.session.handle_timeout(now);
+            self.pump(&mut core);
+        }
+    }
+}
+
+async fn write_loop(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<ToCoordinator>) {
+    let mut buf = Vec::with_capacity(4096);
+    while let Some(first) = rx.recv().await {
+        buf.clear();
+        let mut finish = matches!(first, ToCoordinator::Done { .. });
+        if codec::encode_frame(&first, &mut buf).is_err() {
+            continue;
+        }
+        while !finish && buf.len() < 1 << 20 {
+            match rx.try_recv() {
+                Ok(more) => {
+                    finish = matches!(more, ToCoordinator::Done { .. });
+                    let _ = codec::encode_frame(&more, &mut buf);
+                }
+                Err(_) => break,
+            }
+        }
+        if send.write_all(&buf).await.is_err() {
+            return;
+        }
+        if finish && rx.is_empty() {
+            // A task stream carries nothing after Done: finish it so the peer sees the end.
+            break;
+        }
+    }
+    let _ = send.finish();
+}
+
+fn detect_libc() -> &'static str {
+    const GLIBC: &[&str] =
+        &["/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1", "/lib/ld-linux-x86-64.so.2", "/lib/ld-linux.so.2"];
+    if GLIBC.iter().any(|p| std::path::Path::new(p).exists()) {
+        return "glibc";
+    }
+    let musl =
+        std::fs::read_dir("/lib").map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("ld-musl-"))).unwrap_or(false);
+    if musl { "musl" } else { "none" }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+}
+
+/// Accelerators on this machine, as reported by `nvidia-smi` (empty when there is none).
+pub fn detect_accelerators() -> Vec<String> {
+    let output = std::process::Command::new("nvidia-smi").args(["--query-gpu=name,memory.total", "--format=csv,noheader"]).output();
+    match output {
+        Ok(out) if out.status.success() => {
+            String::from_utf8_lossy(&out.stdout).lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Facts this worker reports in its hello.
+pub fn facts(config: &WorkerConfig) -> WorkerFacts {
+    WorkerFacts {
+        arch: std::env::consts::ARCH.to_string(),
+        libc: detect_libc().to_string(),
+        hostname: hostname(),
+        concurrency: config.concurrency,
+        accelerators: detect_accelerators(),
+        worker_version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+/// Run the worker until it is told to stop, is refused, or the coordinator goes silent.
+pub async fn run(config: WorkerConfig) -> anyhow::Result<ExitReason> {
+    std::fs::create_dir_all(&config.cache_dir)?;
+    std::fs::create_dir_all(&config.state_dir)?;
+    let epoch = Instant::now();
+    let session = WorkerSession::new(
+        WorkerSessionConfig {
+            pool_id: config.pool_id.clone(),
+            node_id: config.node_id.clone(),
+            instance_timeout: config.instance_timeout(),
+            cache_entries: 100_000,
+            cache_bytes: 512 * 1024 * 1024,
+        },
+        facts(&config),
+        Duration::ZERO,
+    );
+    let endpoint = skyward_net::client_endpoint(&config.ca_cert_pem, &config.cert, Duration::from_secs(10))?;
+    let worker = Arc::new(Worker {
+        executors: Executors::new(config.cache_dir.clone(), config.state_dir.clone()),
+        config,
+        epoch,
+        core: Mutex::new(Core { session, task_sinks: HashMap::new(), control: None, runners: HashMap::new() }),
+        exit: Mutex::new(None),
+        exit_notify: Notify::new(),
+        wake_timer: Notify::new(),
+    });
+    let timer = tokio::spawn(Arc::clone(&worker).timer_loop());
+    let connector = {
+        let worker = Arc::clone(&worker);
+        let endpoint = endpoint.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                let attempt = async {
+                    let connecting =
+                        endpoint.connect(worker.config.coordinator, skyward_net::COORDINATOR_SERVER_NAME).map_err(|e| e.to_string())?;
+                    let connection = connecting.await.map_err(|e| e.to_string())?;
+                    worker.serve_connection(connection).await
+                };
+                match attempt.await {
+                    Ok(()) => {}
+                    Err(reason) => tracing::warn!(%reason, ?backoff, "connection to coordinator ended; redialling"),
+                }
+                if worker.exit.lock().expect("exit lock").is_some() {
+                    return;
+                }
+                // Bounded backoff: the silence timer, not this loop, decides when to give up.
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        })
+    };
+    loop {
+        let notified = worker.exit_notify.notified();
+        if let Some(reason) = worker.exit.lock().expect("exit lock").clone() {
+            timer.abort();
+            connector.abort();
+            worker.executors.shutdown().await;
+            endpoint.close(0u32.into(), b"worker exiting");
+            if matches!(reason, ExitReason::CoordinatorSilent(_)) && worker.config.on_silence == SilenceAction::Poweroff {
+                let _ = std::process::Command::new("poweroff").status();
+            }
+            return Ok(reason);
+        }
+        notified.await;
+    }
+}
+
+/// Entry point shared by the `skyward-worker` binary and the embedded worker role:
+/// `skyward-worker --config PATH`.
+pub fn main_with_args(args: Vec<String>) -> i32 {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SKYWARD_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let path = match args.iter().position(|a| a == "--config").and_then(|i| args.get(i + 1)) {
+        Some(p) => std::path::PathBuf::from(p),
+        None => {
+            eprintln!("usage: skyward-worker --config PATH\n(the provider writes PATH; see docs/architecture.md)");
+            return 2;
+        }
+    };
+    let config = match WorkerConfig::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("skyward-worker: {e}");
+            return 2;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("skyward-worker: cannot start a runtime: {e}");
+            return 1;
+        }
+    };
+    let result = runtime.block_on(run(config));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(ExitReason::Shutdown) => 0,
+        Ok(ExitReason::Refused(_)) => 3,
+        Ok(ExitReason::CoordinatorSilent(_)) => 4,
+        Err(e) => {
+            eprintln!("skyward-worker: {e:#}");
+            1
+        }
+    }
+}
