@@ -400,6 +400,11 @@ impl Worker {
             let mut core = self.core();
             core.session.handle_timeout(now);
             self.pump(&mut core);
+            drop(core);
+            if self.exit.lock().expect("exit lock").is_some() {
+                // Exiting: the silence deadline stays in the past, so stop instead of spinning.
+                return;
+            }
         }
     }
 }

@@ -8,9 +8,10 @@
 //! - a task's outcome is produced once per task id: a duplicate `Submit` is answered from the
 //!   worker's cache or ignored while the task runs, and a duplicate `Done` is dropped by the
 //!   coordinator;
-//! - after a reconnect the coordinator sends `Resume` for each task in flight and the worker answers
-//!   from its cache, keeps running it, or says it does not know it (then the task is re-queued);
-//!   until a running task's `Resume` arrives, the worker holds back its items and outcome;
+//! - whenever it accepts a hello (a reconnect, or a first handshake that tasks were submitted ahead
+//!   of) the coordinator sends `Resume` for each task in flight and the worker answers from its
+//!   cache, keeps running it, or says it does not know it (then the task is re-queued); until a
+//!   running task's `Resume` arrives, the worker holds back its items and outcome;
 //! - stream items carry a sequence number; the worker keeps unacknowledged items (bounded by the
 //!   credit window) and sends them again after a resume, and the coordinator drops duplicates. A task
 //!   that finished while disconnected keeps its unacknowledged items with its cached outcome, and a
@@ -529,17 +530,15 @@ impl CoordinatorSession {
         self.joined_before = true;
         // Every task in flight, not only after a reconnect: a task submitted before the first
         // handshake completed may have gone out on a connection that broke before it arrived.
-        {
-            let mut tasks: Vec<(TaskId, u64, u64)> = self.in_flight.iter().map(|(t, f)| (*t, f.items_received, f.granted)).collect();
-            tasks.sort();
-            for (task, items_received, granted) in tasks {
-                self.transmit.push_back(ToWorker::Resume { task, items_received });
-                // `Resume` sets the worker's window back to `items_received` (a `Credit` may have been
-                // lost with the old connection); restore what was granted beyond it.
-                if granted > items_received {
-                    let items = u32::try_from(granted - items_received).unwrap_or(u32::MAX);
-                    self.transmit.push_back(ToWorker::Credit { task, items, received: items_received });
-                }
+        let mut tasks: Vec<(TaskId, u64, u64)> = self.in_flight.iter().map(|(t, f)| (*t, f.items_received, f.granted)).collect();
+        tasks.sort();
+        for (task, items_received, granted) in tasks {
+            self.transmit.push_back(ToWorker::Resume { task, items_received });
+            // `Resume` sets the worker's window back to `items_received` (a `Credit` may have been
+            // lost with the old connection); restore what was granted beyond it.
+            if granted > items_received {
+                let items = u32::try_from(granted - items_received).unwrap_or(u32::MAX);
+                self.transmit.push_back(ToWorker::Credit { task, items, received: items_received });
             }
         }
         self.events.push_back(NodeEvent::Joined { facts: hello.worker, reconnect });

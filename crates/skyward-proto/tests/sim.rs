@@ -957,6 +957,15 @@ impl Sim {
     /// Every task completed exactly once and nothing else went wrong.
     fn assert_exactly_once(&self) {
         assert!(self.violations.is_empty(), "seed {}: {:#?}", self.seed, self.violations);
+        for (i, node) in self.nodes.iter().enumerate() {
+            // The only hello a coordinator may refuse here is one from a node it declared lost.
+            let wrongly_refused: Vec<&ProtocolError> = node
+                .hello_errors
+                .iter()
+                .filter(|e| !(node.lost_at.is_some() && matches!(e, ProtocolError::Unexpected { state: "lost", .. })))
+                .collect();
+            assert!(wrongly_refused.is_empty(), "seed {}: node {i} refused hellos: {wrongly_refused:?}", self.seed);
+        }
         let wrong: Vec<String> = self
             .tasks
             .iter()
@@ -1031,7 +1040,7 @@ fn random_partitions(
 fn every_task_completes_exactly_once_under_faults() {
     let mut totals = Stats::default();
     let mut nodes_lost = 0;
-    for seed in 1..=16 {
+    for seed in 1..=32 {
         let mut rng = Rng::new(seed);
         let faults = Faults {
             delay: (ms(1), ms(40)),
@@ -1072,7 +1081,7 @@ fn every_task_completes_exactly_once_under_faults() {
 
 #[test]
 fn reply_lost_in_partition_is_recovered_from_cache_not_rerun() {
-    for seed in 1..=12 {
+    for seed in 1..=24 {
         let mut rng = Rng::new(seed);
         let faults = Faults { reorder: 0.2, reorder_hold: ms(50), duplicate: 0.1, ..Faults::calm() };
         let cfg = Config::new(2, faults);
@@ -1109,7 +1118,7 @@ fn reply_lost_in_partition_is_recovered_from_cache_not_rerun() {
 
 #[test]
 fn silent_node_is_lost_in_time_and_its_tasks_finish_elsewhere_once() {
-    for seed in 1..=12 {
+    for seed in 1..=24 {
         let mut rng = Rng::new(seed);
         let faults = Faults { reorder: 0.2, reorder_hold: ms(30), duplicate: 0.05, ..Faults::calm() };
         let max_delay = faults.max_delay();
@@ -1150,7 +1159,7 @@ fn silent_node_is_lost_in_time_and_its_tasks_finish_elsewhere_once() {
 fn stream_items_stay_in_order_and_within_credit_across_reconnects() {
     let mut spanning = 0;
     let mut finished_offline = 0;
-    for seed in 1..=16 {
+    for seed in 1..=32 {
         let mut rng = Rng::new(seed);
         // No duplicates here: `Credit` adds to the window, so a transport that duplicated it would
         // over-grant by design (QUIC does not; see `stream_order_survives_duplicate_frames`).
@@ -1163,13 +1172,7 @@ fn stream_items_stay_in_order_and_within_credit_across_reconnects() {
         sim.assert_exactly_once();
         assert!(sim.window_violations.is_empty(), "seed {seed}: {:#?}", sim.window_violations);
         for (id, track) in &sim.tasks {
-            assert_eq!(
-                track.restarts,
-                0,
-                "seed {seed}: {id}'s stream had to start over: {track:?}, lost {:?}, partitions {:?}",
-                sim.nodes.iter().map(|n| n.lost_at).collect::<Vec<_>>(),
-                partitions
-            );
+            assert_eq!(track.restarts, 0, "seed {seed}: {id}'s stream had to start over: {track:?}");
             assert_eq!(track.next_item, track.plan.items, "seed {seed}: {id} delivered every item");
             let reconnects = &sim.nodes[track.node].reconnects;
             if let (Some(first), Some(last)) = (track.first_item_at, track.last_item_at)
@@ -1186,7 +1189,7 @@ fn stream_items_stay_in_order_and_within_credit_across_reconnects() {
 
 #[test]
 fn stream_order_survives_duplicate_frames() {
-    for seed in 1..=8 {
+    for seed in 1..=16 {
         let mut rng = Rng::new(seed);
         let faults = Faults { reorder: 0.2, reorder_hold: ms(60), duplicate: 0.1, drop: 0.003, ..Faults::calm() };
         let cfg = Config::new(2, faults);
@@ -1230,7 +1233,7 @@ fn worker_session_reports_silence_at_the_timeout_and_not_before() {
 
 #[test]
 fn worker_reports_coordinator_silent_after_instance_timeout_only() {
-    for seed in 1..=8 {
+    for seed in 1..=16 {
         let mut rng = Rng::new(seed);
         let faults = Faults { reorder: 0.2, reorder_hold: ms(30), ..Faults::calm() };
         let max_delay = faults.max_delay();
@@ -1246,7 +1249,7 @@ fn worker_reports_coordinator_silent_after_instance_timeout_only() {
         let start = rng.between(secs(2), secs(8));
         let mut patient = cfg.clone();
         patient.lost_after = secs(60);
-        let mut sim = Sim::new(patient.clone(), seed, Vec::new(), &[(0, start, start + secs(6))]);
+        let mut sim = Sim::new(patient, seed, Vec::new(), &[(0, start, start + secs(6))]);
         sim.run_until(secs(120));
         let node = &sim.nodes[0];
         assert!(node.silent.is_empty() && node.reconnects.len() >= 2, "seed {seed}: {:?}", node.silent);
@@ -1480,6 +1483,7 @@ fn sample_messages() -> (Vec<ToWorker>, Vec<ToCoordinator>) {
         ToWorker::Resume { task: TaskId(5), items_received: 2 },
         ToWorker::Ack { task: TaskId(5) },
         ToWorker::QueryBinary { hash: BinaryHash([1; 32]) },
+        ToWorker::PutBinary { hash: BinaryHash([1; 32]), len: 3 },
         ToWorker::Shutdown,
     ];
     let to_coordinator = vec![

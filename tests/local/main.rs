@@ -1,0 +1,25 @@
+//! Integration tests on the Local provider: real worker processes, the real QUIC path.
+//!
+//! `harness = false`: the test binary is also the program the workers run as executor, so `main`
+//! calls `skyward::init()` before anything else, then hands over to libtest-mimic.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod support;
+mod tests_dispatch;
+mod tests_failures;
+mod tests_teardown;
+
+use libtest_mimic::{Arguments, Trial};
+
+fn main() {
+    skyward::init();
+    if support::run_child_mode() {
+        return;
+    }
+    let args = Arguments::from_args();
+    let mut trials: Vec<Trial> = Vec::new();
+    trials.extend(tests_dispatch::trials());
+    trials.extend(tests_failures::trials());
+    trials.extend(tests_teardown::trials());
+    libtest_mimic::run(&args, trials).exit();
+}

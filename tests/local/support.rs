@@ -1,0 +1,70 @@
+//! Shared helpers: a runtime per test, pool construction, process-table checks, child modes.
+
+use skyward::{Compute, Local, Options, Pool, Worker};
+use std::time::Duration;
+
+/// Run an async test body on its own runtime, turning errors into test failures.
+pub(crate) fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> Result<(), libtest_mimic::Failed> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(f).map_err(|e| format!("{e:#}").into())
+}
+
+/// Options with short failure detection for tests.
+pub(crate) fn test_options() -> Options {
+    Options {
+        heartbeat_interval: Duration::from_millis(200),
+        lost_after: Duration::from_secs(2),
+        instance_timeout: Duration::from_secs(20),
+        start_timeout: Duration::from_secs(60),
+        ..Options::default()
+    }
+}
+
+/// A Local pool of `nodes` workers with `concurrency` slots each.
+pub(crate) async fn pool(nodes: u32, concurrency: u32) -> anyhow::Result<Pool> {
+    Ok(Compute::new(Local::default()).nodes(nodes).worker(Worker { concurrency }).options(test_options()).start().await?)
+}
+
+/// Worker processes of `pool_id` still in the process table.
+pub(crate) fn leftover(pool_id: &str) -> Vec<u32> {
+    skyward::providers::local::scan_process_table(Some(pool_id)).into_iter().map(|(pid, _)| pid).collect()
+}
+
+/// Fail unless no worker of `pool_id` is left.
+pub(crate) fn assert_no_workers(pool_id: &str) -> anyhow::Result<()> {
+    let left = leftover(pool_id);
+    anyhow::ensure!(left.is_empty(), "worker processes of {pool_id} still running: {left:?}");
+    Ok(())
+}
+
+/// Environment variable that turns this test binary into a helper program for teardown tests.
+pub(crate) const CHILD_MODE: &str = "SKYWARD_TEST_CHILD";
+
+/// Child modes: start a pool, print its id, then wait (for Ctrl-C) or fail (error path).
+pub(crate) fn run_child_mode() -> bool {
+    let Ok(mode) = std::env::var(CHILD_MODE) else { return false };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let pool = pool(2, 1).await.expect("child pool starts");
+        println!("POOL {}", pool.pool_id());
+        use std::io::Write;
+        std::io::stdout().flush().ok();
+        match mode.as_str() {
+            "wait" => {
+                // Park until the parent interrupts us; the Ctrl-C handler tears down and exits.
+                std::future::pending::<()>().await;
+            }
+            "error" => {
+                let result: anyhow::Result<()> = Err(anyhow::anyhow!("simulated failure in user code"));
+                drop(pool);
+                std::process::exit(if result.is_err() { 7 } else { 0 });
+            }
+            "panic" => {
+                let _keep = pool;
+                panic!("simulated panic in user code");
+            }
+            other => panic!("unknown child mode {other}"),
+        }
+    });
+    true
+}

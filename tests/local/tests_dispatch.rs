@@ -1,0 +1,163 @@
+//! Dispatch: run, run_on, broadcast, join, gather (ordered and as completed), submit, stream,
+//! commands, instance_info and shard inside tasks.
+
+use crate::support::{assert_no_workers, block_on, pool};
+use futures::StreamExt;
+use libtest_mimic::Trial;
+use serde::{Deserialize, Serialize};
+use skyward::Command;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Point {
+    pub(crate) x: i64,
+    pub(crate) y: i64,
+}
+
+#[skyward::function]
+async fn add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+#[skyward::function]
+async fn describe(p: Point, label: String) -> String {
+    format!("{label}:{},{}", p.x, p.y)
+}
+
+#[skyward::function]
+async fn rank_and_count() -> (u32, u32, usize) {
+    let info = skyward::instance_info();
+    (info.rank, info.node_count, info.peers.len())
+}
+
+#[skyward::function]
+fn blocking_rank() -> u32 {
+    skyward::instance_info().rank
+}
+
+#[skyward::function]
+async fn my_shard(len: u64) -> Vec<u64> {
+    let data: Vec<u64> = (0..len).collect();
+    skyward::shard(&data)
+}
+
+#[skyward::function]
+async fn slow_echo(ms: u64, value: u32) -> u32 {
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    value
+}
+
+#[skyward::function]
+async fn count_to(n: u32) -> impl futures::Stream<Item = u32> + Send + 'static {
+    futures::stream::iter(0..n)
+}
+
+pub(crate) fn trials() -> Vec<Trial> {
+    vec![
+        Trial::test("dispatch::every_api_on_three_nodes", || block_on(every_api_on_three_nodes())),
+        Trial::test("dispatch::commands_stream_output_and_fail_clearly", || block_on(commands())),
+        Trial::test("dispatch::binary_travels_over_quic_when_not_staged", || block_on(upload_path())),
+    ]
+}
+
+async fn every_api_on_three_nodes() -> anyhow::Result<()> {
+    let pool = pool(3, 4).await?;
+    let id = pool.pool_id().to_string();
+    anyhow::ensure!(pool.node_count() == 3, "three nodes");
+
+    // run, with struct arguments
+    anyhow::ensure!(pool.run(add(40, 2)).await? == 42);
+    let s = pool.run(describe(Point { x: 1, y: -2 }, "p".into())).await?;
+    anyhow::ensure!(s == "p:1,-2", "got {s}");
+
+    // run_on pins a rank; blocking functions see their context too
+    for rank in 0..3 {
+        anyhow::ensure!(pool.run_on(rank, blocking_rank()).await? == rank, "run_on({rank})");
+    }
+
+    // broadcast: every node, ordered by rank, with instance_info filled in
+    let all = pool.broadcast(rank_and_count()).await?;
+    anyhow::ensure!(all == vec![(0, 3, 3), (1, 3, 3), (2, 3, 3)], "broadcast gave {all:?}");
+
+    // shard inside tasks: the union over ranks is the data set, once
+    let mut shards: Vec<u64> = pool.broadcast(my_shard(10)).await?.into_iter().flatten().collect();
+    shards.sort_unstable();
+    anyhow::ensure!(shards == (0..10).collect::<Vec<_>>(), "shards {shards:?}");
+
+    // join: different functions, typed results
+    let (sum, text, info) = pool.join((add(1, 2), describe(Point { x: 3, y: 4 }, "j".into()), rank_and_count())).await?;
+    anyhow::ensure!(sum == 3 && text == "j:3,4" && info.1 == 3);
+
+    // gather: ordered results
+    let values = pool.gather((0..200).map(|i| add(i, i))).await?;
+    anyhow::ensure!(values == (0..200).map(|i| 2 * i).collect::<Vec<_>>());
+
+    // gather as completed: the fast task first
+    let calls = vec![slow_echo(300, 1), slow_echo(0, 2)];
+    let order: Vec<usize> = pool.gather_unordered(calls).map(|(i, r)| r.map(|_| i)).collect::<Vec<_>>().await.into_iter().collect::<Result<_, _>>()?;
+    anyhow::ensure!(order == vec![1, 0], "completion order {order:?}");
+
+    // submit: a handle to await, or to cancel
+    let handle = pool.submit(slow_echo(10, 9));
+    anyhow::ensure!(handle.await? == 9);
+    let long = pool.submit(slow_echo(60_000, 1));
+    long.cancel();
+    let err = long.await.expect_err("cancelled");
+    anyhow::ensure!(matches!(err.task_error(), Some(skyward::TaskError::Cancelled)), "got {err}");
+
+    // per-task timeout
+    let err = pool
+        .submit_with(slow_echo(60_000, 1), skyward::Dispatch { placement: skyward::Placement::Any, timeout: Some(std::time::Duration::from_millis(200)) })
+        .await
+        .expect_err("timed out");
+    anyhow::ensure!(matches!(err.task_error(), Some(skyward::TaskError::Timeout(_))), "got {err}");
+
+    // stream: items in order, more than the credit window (backpressure round trips)
+    let items: Vec<u32> = pool.stream(count_to(500)).map(|r| r.expect("item")).collect().await;
+    anyhow::ensure!(items == (0..500).collect::<Vec<_>>(), "stream gave {} items", items.len());
+
+    // the pool still works after all that
+    anyhow::ensure!(pool.run(add(1, 1)).await? == 2);
+    let stats = pool.stats().await?;
+    anyhow::ensure!(stats.running == 0 && stats.queued == 0, "idle pool: {stats:?}");
+    pool.shutdown().await?;
+    assert_no_workers(&id)
+}
+
+async fn commands() -> anyhow::Result<()> {
+    let pool = pool(2, 2).await?;
+    let id = pool.pool_id().to_string();
+    let dir = std::env::temp_dir();
+    let out = pool
+        .command(Command::shell("echo one; echo two; echo err >&2; echo \"$GREETING\"; pwd").env("GREETING", "hi there").cwd(dir.to_string_lossy()))
+        .await?;
+    anyhow::ensure!(out.stdout[..3] == ["one", "two", "hi there"], "stdout {:?}", out.stdout);
+    anyhow::ensure!(out.stderr == ["err"], "stderr {:?}", out.stderr);
+    anyhow::ensure!(out.stdout[3] == dir.to_string_lossy(), "cwd {:?}", out.stdout[3]);
+
+    let all = pool.broadcast_command(Command::new("true")).await?;
+    anyhow::ensure!(all.iter().map(|o| o.rank).collect::<Vec<_>>() == vec![0, 1]);
+
+    let err = pool.command(Command::shell("echo boom >&2; exit 3")).await.expect_err("non-zero exit");
+    let text = err.to_string();
+    anyhow::ensure!(text.contains("exited with code 3") && text.contains("boom"), "error was: {text}");
+
+    let err = pool.command(Command::new("/no/such/program")).await.expect_err("missing program");
+    anyhow::ensure!(err.to_string().contains("cannot start `/no/such/program`"), "error was: {err}");
+
+    let err = pool.command(Command::new("sleep").arg("30").timeout(std::time::Duration::from_millis(300))).await.expect_err("timeout");
+    anyhow::ensure!(err.to_string().contains("timed out"), "error was: {err}");
+    pool.shutdown().await?;
+    assert_no_workers(&id)
+}
+
+async fn upload_path() -> anyhow::Result<()> {
+    let pool = skyward::Compute::new(skyward::Local::default().upload_binaries(true))
+        .nodes(2)
+        .options(crate::support::test_options())
+        .start()
+        .await?;
+    let id = pool.pool_id().to_string();
+    anyhow::ensure!(pool.broadcast(add(2, 3)).await? == vec![5, 5]);
+    pool.shutdown().await?;
+    assert_no_workers(&id)
+}

@@ -1,0 +1,66 @@
+//! Teardown: no worker process remains after shutdown, drop, an error, a panic, or Ctrl-C.
+
+use crate::support::{CHILD_MODE, assert_no_workers, block_on, leftover, pool};
+use libtest_mimic::Trial;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub(crate) fn trials() -> Vec<Trial> {
+    vec![
+        Trial::test("teardown::shutdown_and_drop_leave_no_worker", || block_on(shutdown_and_drop())),
+        Trial::test("teardown::ctrl_c_leaves_no_worker", || child("wait", true)),
+        Trial::test("teardown::error_exit_leaves_no_worker", || child("error", false)),
+        Trial::test("teardown::panic_leaves_no_worker", || child("panic", false)),
+    ]
+}
+
+async fn shutdown_and_drop() -> anyhow::Result<()> {
+    let a = pool(2, 1).await?;
+    let a_id = a.pool_id().to_string();
+    anyhow::ensure!(leftover(&a_id).len() == 2, "two workers while running");
+    a.shutdown().await?;
+    assert_no_workers(&a_id)?;
+
+    let b = pool(2, 1).await?;
+    let b_id = b.pool_id().to_string();
+    drop(b);
+    assert_no_workers(&b_id)
+}
+
+/// Start this test binary in a child mode, read the pool id it prints, optionally send SIGINT,
+/// and check that the child exits and leaves no worker behind.
+fn child(mode: &str, interrupt: bool) -> Result<(), libtest_mimic::Failed> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .env(CHILD_MODE, mode)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start child: {e}"))?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).map_err(|e| e.to_string())?;
+    let pool_id = line.trim().strip_prefix("POOL ").ok_or_else(|| format!("child printed {line:?}"))?.to_string();
+    if interrupt {
+        // SAFETY: signalling our own child process.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGINT);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(format!("child in mode {mode} did not exit").into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if interrupt && status.code() != Some(130) {
+        return Err(format!("Ctrl-C exit status {status:?}, expected 130").into());
+    }
+    assert_no_workers(&pool_id).map_err(|e| e.to_string().into())
+}
