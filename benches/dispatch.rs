@@ -19,7 +19,8 @@ fn main() {
     skyward::init();
     let quick = std::env::args().any(|a| a == "--test");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    let pool = rt.block_on(async { Compute::new(Local::default()).nodes(2).worker(Worker { concurrency: 256 }).start().await.expect("pool") });
+    let pool =
+        rt.block_on(async { Compute::new(Local::default()).nodes(2).worker(Worker { concurrency: 256 }).start().await.expect("pool") });
 
     // Warm up: the executors start on first use.
     rt.block_on(async { pool.gather((0..1000).map(|_| noop())).await.expect("warm up") });
@@ -34,7 +35,13 @@ fn main() {
         }
     });
     rtts.sort_unstable();
-    println!("run_noop_roundtrip: samples={} p50={:?} p99={:?} min={:?}", samples, percentile(&rtts, 0.5), percentile(&rtts, 0.99), rtts[0]);
+    println!(
+        "run_noop_roundtrip: samples={} p50={:?} p99={:?} min={:?}",
+        samples,
+        percentile(&rtts, 0.5),
+        percentile(&rtts, 0.99),
+        rtts[0]
+    );
 
     let tasks = if quick { 2_000 } else { 100_000 };
     let reps = if quick { 1 } else { 5 };

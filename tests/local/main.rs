@@ -8,6 +8,7 @@ mod support;
 mod tests_dispatch;
 mod tests_failures;
 mod tests_teardown;
+mod tests_transport;
 
 use libtest_mimic::{Arguments, Trial};
 
@@ -21,5 +22,6 @@ fn main() {
     trials.extend(tests_dispatch::trials());
     trials.extend(tests_failures::trials());
     trials.extend(tests_teardown::trials());
+    trials.extend(tests_transport::trials());
     libtest_mimic::run(&args, trials).exit();
 }

@@ -93,7 +93,8 @@ async fn every_api_on_three_nodes() -> anyhow::Result<()> {
 
     // gather as completed: the fast task first
     let calls = vec![slow_echo(300, 1), slow_echo(0, 2)];
-    let order: Vec<usize> = pool.gather_unordered(calls).map(|(i, r)| r.map(|_| i)).collect::<Vec<_>>().await.into_iter().collect::<Result<_, _>>()?;
+    let order: Vec<usize> =
+        pool.gather_unordered(calls).map(|(i, r)| r.map(|_| i)).collect::<Vec<_>>().await.into_iter().collect::<Result<_, _>>()?;
     anyhow::ensure!(order == vec![1, 0], "completion order {order:?}");
 
     // submit: a handle to await, or to cancel
@@ -106,7 +107,10 @@ async fn every_api_on_three_nodes() -> anyhow::Result<()> {
 
     // per-task timeout
     let err = pool
-        .submit_with(slow_echo(60_000, 1), skyward::Dispatch { placement: skyward::Placement::Any, timeout: Some(std::time::Duration::from_millis(200)) })
+        .submit_with(
+            slow_echo(60_000, 1),
+            skyward::Dispatch { placement: skyward::Placement::Any, timeout: Some(std::time::Duration::from_millis(200)) },
+        )
         .await
         .expect_err("timed out");
     anyhow::ensure!(matches!(err.task_error(), Some(skyward::TaskError::Timeout(_))), "got {err}");
@@ -128,7 +132,11 @@ async fn commands() -> anyhow::Result<()> {
     let id = pool.pool_id().to_string();
     let dir = std::env::temp_dir();
     let out = pool
-        .command(Command::shell("echo one; echo two; echo err >&2; echo \"$GREETING\"; pwd").env("GREETING", "hi there").cwd(dir.to_string_lossy()))
+        .command(
+            Command::shell("echo one; echo two; echo err >&2; echo \"$GREETING\"; pwd")
+                .env("GREETING", "hi there")
+                .cwd(dir.to_string_lossy()),
+        )
         .await?;
     anyhow::ensure!(out.stdout[..3] == ["one", "two", "hi there"], "stdout {:?}", out.stdout);
     anyhow::ensure!(out.stderr == ["err"], "stderr {:?}", out.stderr);

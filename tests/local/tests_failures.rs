@@ -149,10 +149,7 @@ async fn foreign_binary() -> anyhow::Result<()> {
     anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "refused promptly");
     let _ = std::fs::remove_dir_all(&dir);
     // The failed start left nothing behind.
-    let left = skyward::providers::local::scan_process_table(None)
-        .into_iter()
-        .filter(|(_, pool)| text.contains(pool.as_str()))
-        .count();
+    let left = skyward::providers::local::scan_process_table(None).into_iter().filter(|(_, pool)| text.contains(pool.as_str())).count();
     anyhow::ensure!(left == 0, "{left} workers left after a refused start");
     Ok(())
 }

@@ -225,24 +225,24 @@ impl Worker {
         let mut guard = CancelOnDrop(call_ref, false);
         while let Some(event) = events.recv().await {
             match event {
-                CallEvent::Item(mut payload) => loop {
-                    let sent = {
-                        let mut core = self.core();
-                        let r = core.session.send_item(task, payload);
-                        self.pump(&mut core);
-                        r
-                    };
-                    match sent {
-                        Ok(()) => break,
-                        Err(SendItemError::UnknownTask) => return Outcome::Cancelled,
-                        Err(SendItemError::NoCredit) => {
-                            // The executor honours the same window; this only happens if credit
-                            // messages raced. Wait for more credit and retry.
-                            credit.notified().await;
-                            payload = Vec::new();
+                CallEvent::Item(payload) => {
+                    // The executor honours the same window, so credit is normally there; after a
+                    // reconnect the windows can differ, and then the item waits here.
+                    loop {
+                        let ready = self.core().session.has_credit(task);
+                        match ready {
+                            Ok(true) => break,
+                            Ok(false) => credit.notified().await,
+                            Err(SendItemError::UnknownTask) | Err(SendItemError::NoCredit) => return Outcome::Cancelled,
                         }
                     }
-                },
+                    let mut core = self.core();
+                    let sent = core.session.send_item(task, payload);
+                    self.pump(&mut core);
+                    if sent.is_err() {
+                        return Outcome::Cancelled;
+                    }
+                }
                 CallEvent::Done(result) => {
                     guard.1 = true;
                     return match result {
@@ -272,7 +272,11 @@ impl Worker {
         let result = async {
             let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
             let mut hasher = Sha256::new();
-            let mut received: u64 = 0;
+            // Bytes that arrived in the same read as the header frame come first.
+            let head = recv.take_buffered();
+            hasher.update(&head);
+            file.write_all(&head).await.map_err(|e| e.to_string())?;
+            let mut received: u64 = head.len() as u64;
             while let Some(chunk) = recv.inner_mut().read_chunk(1 << 20, true).await.map_err(|e| e.to_string())? {
                 hasher.update(&chunk.bytes);
                 file.write_all(&chunk.bytes).await.map_err(|e| e.to_string())?;
@@ -306,7 +310,7 @@ impl Worker {
 
     async fn serve_task_stream(self: Arc<Self>, send: quinn::SendStream, recv: quinn::RecvStream) {
         let (tx, rx) = mpsc::unbounded_channel::<ToCoordinator>();
-        tokio::spawn(write_loop(send, rx));
+        tokio::spawn(write_loop(send, rx, true));
         let mut recv = FramedRecv::new(recv, self.config.max_frame);
         loop {
             match recv.next::<ToWorker>("ToWorker").await {
@@ -329,14 +333,14 @@ impl Worker {
     async fn serve_connection(self: &Arc<Self>, connection: quinn::Connection) -> Result<(), String> {
         let (send, recv) = connection.open_bi().await.map_err(|e| format!("cannot open control stream: {e}"))?;
         let (tx, rx) = mpsc::unbounded_channel::<ToCoordinator>();
-        let writer = tokio::spawn(write_loop(send, rx));
+        let writer = tokio::spawn(write_loop(send, rx, false));
         {
             let mut core = self.core();
             let hello = core.session.hello();
             let _ = tx.send(hello);
             core.control = Some(tx.clone());
         }
-        let control_reader = {
+        let mut control_reader = {
             let worker = Arc::clone(self);
             let max = self.config.max_frame;
             tokio::spawn(async move {
@@ -372,6 +376,11 @@ impl Worker {
                     Err(e) => break format!("connection closed: {e}"),
                 },
                 _ = self.exit_notify.notified() => break "worker exiting".to_string(),
+                ended = &mut control_reader => {
+                    let reason = ended.unwrap_or_else(|e| e.to_string());
+                    connection.close(1u32.into(), b"control stream ended");
+                    break reason;
+                }
             }
         };
         control_reader.abort();
@@ -409,18 +418,20 @@ impl Worker {
     }
 }
 
-async fn write_loop(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<ToCoordinator>) {
+/// Write queued messages to `send`, batching whatever is ready. A task stream (`task_stream`)
+/// carries nothing after `Done`, so it is finished then; the control stream never is.
+async fn write_loop(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<ToCoordinator>, task_stream: bool) {
     let mut buf = Vec::with_capacity(4096);
     while let Some(first) = rx.recv().await {
         buf.clear();
-        let mut finish = matches!(first, ToCoordinator::Done { .. });
+        let mut finish = task_stream && matches!(first, ToCoordinator::Done { .. });
         if codec::encode_frame(&first, &mut buf).is_err() {
             continue;
         }
         while !finish && buf.len() < 1 << 20 {
             match rx.try_recv() {
                 Ok(more) => {
-                    finish = matches!(more, ToCoordinator::Done { .. });
+                    finish = task_stream && matches!(more, ToCoordinator::Done { .. });
                     let _ = codec::encode_frame(&more, &mut buf);
                 }
                 Err(_) => break,

@@ -19,8 +19,24 @@ pub(crate) struct ShippedBinary {
     pub(crate) facts: BinaryFacts,
 }
 
-/// Hash and inspect the executable at `path`.
+/// Hash and inspect the executable at `path`, reusing this process's earlier answer while the
+/// file's size and modification time are unchanged (a program starting many pools hashes once).
 pub(crate) fn inspect(path: &Path) -> Result<ShippedBinary, String> {
+    type Key = (PathBuf, u64, std::time::SystemTime);
+    static CACHE: std::sync::Mutex<Option<(Key, ShippedBinary)>> = std::sync::Mutex::new(None);
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let key: Key = (path.to_path_buf(), meta.len(), meta.modified().map_err(|e| e.to_string())?);
+    if let Some((k, shipped)) = CACHE.lock().expect("hash cache").as_ref()
+        && *k == key
+    {
+        return Ok(shipped.clone());
+    }
+    let shipped = hash_and_inspect(path)?;
+    *CACHE.lock().expect("hash cache") = Some((key, shipped.clone()));
+    Ok(shipped)
+}
+
+fn hash_and_inspect(path: &Path) -> Result<ShippedBinary, String> {
     let facts = elf::inspect_file(path).map_err(|e| format!("cannot ship {}: {e}", path.display()))?;
     let mut file = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut hasher = Sha256::new();

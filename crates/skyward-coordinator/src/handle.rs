@@ -82,17 +82,31 @@ static SIGNAL_HANDLER: OnceLock<()> = OnceLock::new();
 
 fn install_signal_handler() {
     SIGNAL_HANDLER.get_or_init(|| {
-        tokio::spawn(async {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                let pools: Vec<_> = LIVE_POOLS.lock().expect("live pools").drain(..).collect();
-                eprintln!("\nskyward: interrupted; tearing down {} pool(s)", pools.len());
-                for (pool_id, provider, ctx) in pools {
-                    provider.emergency_teardown(&ctx);
-                    eprintln!("skyward: pool {pool_id} torn down");
-                }
-                std::process::exit(130);
+        // Its own thread and runtime: the handler must outlive whichever runtime started the
+        // first pool (a test may start pools on several runtimes).
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install the Ctrl-C handler");
+                return;
             }
+        };
+        let spawned = std::thread::Builder::new().name("skyward-ctrl-c".into()).spawn(move || {
+            runtime.block_on(async {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    let pools: Vec<_> = LIVE_POOLS.lock().expect("live pools").drain(..).collect();
+                    eprintln!("\nskyward: interrupted; tearing down {} pool(s)", pools.len());
+                    for (pool_id, provider, ctx) in pools {
+                        provider.emergency_teardown(&ctx);
+                        eprintln!("skyward: pool {pool_id} torn down");
+                    }
+                    std::process::exit(130);
+                }
+            })
         });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the Ctrl-C handler thread");
+        }
     });
 }
 
@@ -184,6 +198,16 @@ impl Pool {
     /// What each node's worker reported when it joined, by rank.
     pub fn node_facts(&self) -> &[WorkerFacts] {
         self.inner.facts.get().map_or(&[], Vec::as_slice)
+    }
+
+    /// For tests of the transport's defences: the coordinator's QUIC address, the pool CA
+    /// certificate, and a client certificate signed by the pool CA for `node_id` (a "stolen"
+    /// certificate that the registry does not know). Not part of the stable API.
+    #[doc(hidden)]
+    pub fn __transport_probe(&self, node_id: &str) -> (std::net::SocketAddr, String, skyward_net::CertBundle) {
+        let shared = &self.inner.shared;
+        let cert = shared.ca.issue_worker(node_id).expect("issue certificate");
+        (shared.server_addr, shared.ca.cert().cert_pem.clone(), cert)
     }
 
     /// Task counters.
@@ -340,19 +364,27 @@ impl Pool {
         let timeout = command.spec.timeout.map(|t| t + Duration::from_secs(5));
         let (id, rx) =
             self.enqueue(TaskKind::Command(command.spec), Dispatch { placement, timeout }, TaskSinks { items: None, output: Some(out_tx) });
-        let collect = async {
-            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-            while let Some(l) = out_rx.recv().await {
-                tracing::info!(target: "skyward::output", rank = l.rank, stream = ?l.stream, "{}", l.line);
-                match l.stream {
-                    OutputStream::Stdout => stdout.push(l.line),
-                    OutputStream::Stderr => stderr.push(l.line),
-                }
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let mut keep = |l: OutputLine| {
+            tracing::info!(target: "skyward::output", rank = l.rank, stream = ?l.stream, "{}", l.line);
+            match l.stream {
+                OutputStream::Stdout => stdout.push(l.line),
+                OutputStream::Stderr => stderr.push(l.line),
             }
-            (stdout, stderr)
         };
-        let (done, (stdout, stderr)) =
-            tokio::join!(async { rx.await.unwrap_or(Done { result: Err(TaskError::PoolClosed), rank: None }) }, collect);
+        let mut rx = rx;
+        // Lines travel on the task's stream ahead of its result, so once the result is here every
+        // line is already queued: collect until then, then take what is left without waiting.
+        let done = loop {
+            tokio::select! {
+                biased;
+                Some(l) = out_rx.recv() => keep(l),
+                done = &mut rx => break done.unwrap_or(Done { result: Err(TaskError::PoolClosed), rank: None }),
+            }
+        };
+        while let Ok(l) = out_rx.try_recv() {
+            keep(l);
+        }
         let rank = done.rank.unwrap_or(0);
         let bytes = done.result.map_err(|source| Error::Task { task: id, function: line.clone(), rank: done.rank, source })?;
         let exit: CommandExit = codec::from_bytes(&bytes, "CommandExit")
@@ -427,6 +459,16 @@ pub struct TaskHandle<R> {
 impl<R> std::fmt::Debug for TaskHandle<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TaskHandle").field("id", &self.id).field("function", &self.name).finish()
+    }
+}
+
+impl<R> Drop for TaskHandle<R> {
+    /// Dropping a handle before its result arrived cancels the task (like any Rust future):
+    /// `gather` relies on this to stop the rest after the first failure.
+    fn drop(&mut self) {
+        if self.rx.is_some() {
+            self.cancel();
+        }
     }
 }
 

@@ -169,6 +169,9 @@ impl Compute {
         if self.nodes == 0 {
             return Err(StartError::Invalid("nodes must be at least 1".into()));
         }
+        if self.options.stream_window == 0 {
+            return Err(StartError::Invalid("Options { stream_window } must be at least 1".into()));
+        }
         if self.worker.concurrency == 0 {
             return Err(StartError::Invalid("Worker { concurrency } must be at least 1".into()));
         }
@@ -182,6 +185,26 @@ impl Compute {
         };
         let inspect = tokio::task::spawn_blocking(move || binary::inspect(&binary_path));
         self.provider.prepare(&ctx).await?;
+        match self.start_prepared(ctx.clone(), pool_id, inspect, started_at).await {
+            Ok(pool) => Ok(pool),
+            Err(e) => {
+                // Whatever `prepare` created goes away with the failed start.
+                if let Err(teardown) = self.provider.teardown(&ctx).await {
+                    tracing::error!(error = %teardown, "teardown after a failed start");
+                }
+                let _ = std::fs::remove_dir_all(&ctx.state_dir);
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_prepared(
+        &self,
+        ctx: PoolContext,
+        pool_id: String,
+        inspect: tokio::task::JoinHandle<Result<binary::ShippedBinary, String>>,
+        started_at: Instant,
+    ) -> Result<Pool, StartError> {
         let binary = Arc::new(inspect.await.map_err(|e| StartError::Binary(e.to_string()))?.map_err(StartError::Binary)?);
         self.provider.stage_binary(&ctx, &binary.path, &binary.hash.to_hex()).await?;
 

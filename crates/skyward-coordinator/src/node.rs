@@ -239,8 +239,8 @@ pub(crate) enum NodeMsg {
     BinaryReady(Result<(), String>),
     /// The session declared the worker lost.
     Lost { in_flight: Vec<TaskId>, silent_for: Duration },
-    /// The control stream ended.
-    ControlClosed(String),
+    /// The control stream of connection `connection_id` ended.
+    ControlClosed { connection_id: usize, reason: String },
     /// Stop serving (pool shutdown).
     Drain,
 }
@@ -417,8 +417,11 @@ impl Actor for Node {
                 // Control stream reader: everything not on a task stream.
                 let reader_shared = Arc::clone(&shared);
                 let me = myself.clone();
+                let connection_id = connection.stable_id();
                 state.tasks.push(tokio::spawn(async move {
                     let mut recv = recv;
+                    // The hello was read under a small limit; an authenticated worker gets the full one.
+                    recv.set_max_frame(reader_shared.max_frame);
                     let reason = loop {
                         match recv.next::<ToCoordinator>("ToCoordinator").await {
                             Ok(Some(m)) => reader_shared.process(m),
@@ -426,7 +429,7 @@ impl Actor for Node {
                             Err(e) => break e.to_string(),
                         }
                     };
-                    let _ = me.cast(NodeMsg::ControlClosed(reason));
+                    let _ = me.cast(NodeMsg::ControlClosed { connection_id, reason });
                 }));
                 if state.timer.is_none() {
                     let timer_shared = Arc::clone(&shared);
@@ -501,11 +504,17 @@ impl Actor for Node {
                     let _ = state.pool.cast(PoolMsg::NodeLost { rank: shared.rank, node_id: shared.node_id.clone() });
                 }
             }
-            NodeMsg::ControlClosed(reason) => {
-                // Not yet lost: the worker may redial. The silence timer decides.
+            NodeMsg::ControlClosed { connection_id, reason } => {
+                // Not yet lost: the worker may redial. The silence timer decides. A late notice
+                // about an older connection must not clear the current one.
                 tracing::debug!(node = %shared.node_id, %reason, "control stream closed");
-                *shared.control.lock().expect("control lock") = None;
-                *shared.connection.lock().expect("connection lock") = None;
+                let mut current = shared.connection.lock().expect("connection lock");
+                if current.as_ref().is_some_and(|c| c.stable_id() == connection_id) {
+                    if let Some(c) = current.take() {
+                        c.close(1u32.into(), b"control stream closed");
+                    }
+                    *shared.control.lock().expect("control lock") = None;
+                }
             }
             NodeMsg::Drain => {
                 shared.send_control([ToWorker::Shutdown]);

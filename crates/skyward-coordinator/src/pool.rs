@@ -172,6 +172,9 @@ impl PoolState {
 
     async fn replace(&mut self, myself: &ActorRef<PoolMsg>, rank: u32, why: &str) -> Result<(), ActorProcessingErr> {
         let Some(old) = self.nodes.remove(&rank) else { return Ok(()) };
+        // The task manager must stop using the old node whatever the reason (lost, failed, actor
+        // crash); its tasks go back in line. A second notice for the same loss is harmless.
+        let _ = self.tm.cast(TmMsg::NodeLost { rank, in_flight: Vec::new() });
         self.shared.registry.lock().expect("registry lock").remove(&old.node_id);
         old.actor.stop(Some(why.to_string()));
         if let (Some(id), Some(p)) = (old.instance_id, &self.provisioner) {
@@ -183,6 +186,7 @@ impl PoolState {
         let replacements = old.replacements + 1;
         if replacements > self.shared.options.max_replacements {
             tracing::error!(rank, replacements, "not replacing node again: replacement limit reached");
+            let _ = self.tm.cast(TmMsg::RankRetired { rank });
             return Ok(());
         }
         tracing::info!(rank, %why, "replacing node");

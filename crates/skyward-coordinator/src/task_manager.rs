@@ -49,13 +49,37 @@ pub(crate) struct TaskRequest {
 #[derive(Debug)]
 pub(crate) enum TmMsg {
     Submit(Box<TaskRequest>),
-    Completed { task: TaskId, rank: u32, outcome: Outcome },
-    Forgotten { task: TaskId, rank: u32 },
-    NodeReady { node: NodeHandle },
-    NodeLost { rank: u32, in_flight: Vec<TaskId> },
-    Cancel { task: TaskId },
-    TimedOut { task: TaskId, after: Duration },
-    Credit { task: TaskId, items: u32 },
+    Completed {
+        task: TaskId,
+        rank: u32,
+        outcome: Outcome,
+    },
+    Forgotten {
+        task: TaskId,
+        rank: u32,
+    },
+    NodeReady {
+        node: NodeHandle,
+    },
+    NodeLost {
+        rank: u32,
+        in_flight: Vec<TaskId>,
+    },
+    /// The pool gave up on `rank` (replacement limit): tasks pinned to it fail.
+    RankRetired {
+        rank: u32,
+    },
+    Cancel {
+        task: TaskId,
+    },
+    TimedOut {
+        task: TaskId,
+        after: Duration,
+    },
+    Credit {
+        task: TaskId,
+        items: u32,
+    },
     Ranks(RpcReplyPort<Vec<u32>>),
     Stats(RpcReplyPort<TaskStats>),
     Close,
@@ -100,7 +124,10 @@ pub(crate) struct TmState {
     nodes: HashMap<u32, Slot>,
     order: Vec<u32>,
     cursor: usize,
+    /// Tasks for any node, in arrival order. Cancelled ids are skipped lazily.
     queue: VecDeque<TaskId>,
+    /// Tasks pinned to a rank, per rank.
+    pinned: HashMap<u32, VecDeque<TaskId>>,
     tasks: HashMap<TaskId, Entry>,
     max_retries: u32,
     pool_id: String,
@@ -155,25 +182,60 @@ impl TmState {
         }
     }
 
-    /// Dispatch queued tasks while slots are free. Tasks pinned to a busy or absent rank wait.
+    fn enqueue_back(&mut self, task: TaskId, placement: Placement) {
+        match placement {
+            Placement::Any => self.queue.push_back(task),
+            Placement::Rank(r) => self.pinned.entry(r).or_default().push_back(task),
+        }
+    }
+
+    fn enqueue_front(&mut self, task: TaskId, placement: Placement) {
+        match placement {
+            Placement::Any => self.queue.push_front(task),
+            Placement::Rank(r) => self.pinned.entry(r).or_default().push_front(task),
+        }
+    }
+
+    fn is_waiting(&self, task: TaskId) -> bool {
+        self.tasks.get(&task).is_some_and(|e| e.running_on.is_none())
+    }
+
+    /// Dispatch queued tasks while slots are free: pinned tasks on their rank first, then the
+    /// shared queue in order. Each step is O(nodes); nothing is copied.
     fn drain(&mut self) {
-        let mut waiting = VecDeque::new();
-        while let Some(task) = self.queue.pop_front() {
-            let Some(entry) = self.tasks.get(&task) else { continue };
-            let placement = entry.request.placement;
-            match self.pick(placement) {
-                Some(rank) => self.dispatch(task, rank),
-                None => {
-                    waiting.push_back(task);
-                    if placement == Placement::Any {
-                        // Every node is full; keep the rest in order.
-                        waiting.extend(self.queue.drain(..));
-                        break;
-                    }
+        let ranks: Vec<u32> = self.pinned.keys().copied().collect();
+        for rank in ranks {
+            while self.nodes.get(&rank).is_some_and(|s| s.busy < s.capacity) {
+                let Some(task) = self.pinned.get_mut(&rank).and_then(VecDeque::pop_front) else { break };
+                if self.is_waiting(task) {
+                    self.dispatch(task, rank);
+                }
+            }
+            if self.pinned.get(&rank).is_some_and(VecDeque::is_empty) {
+                self.pinned.remove(&rank);
+            }
+        }
+        while let Some(&task) = self.queue.front() {
+            if !self.is_waiting(task) {
+                self.queue.pop_front();
+                continue;
+            }
+            let Some(rank) = self.pick(Placement::Any) else { break };
+            self.queue.pop_front();
+            self.dispatch(task, rank);
+        }
+    }
+
+    /// Fail every task pinned to `rank` (the rank will not come back).
+    fn retire_rank(&mut self, rank: u32) {
+        if let Some(tasks) = self.pinned.remove(&rank) {
+            for task in tasks {
+                if self.is_waiting(task) {
+                    let attempts = self.tasks.get(&task).map_or(0, |e| e.attempts);
+                    self.finish(task, Err(TaskError::NodesLost { attempts }));
                 }
             }
         }
-        self.queue = waiting;
     }
 
     fn dispatch(&mut self, task: TaskId, rank: u32) {
@@ -187,18 +249,23 @@ impl TmState {
         slot.node.dispatch(task, spec, entry.request.sinks.clone());
     }
 
+    /// Put a task whose node was lost back in line. The caller has already released its slot.
     fn requeue(&mut self, task: TaskId) {
         let max = self.max_retries;
         let Some(entry) = self.tasks.get_mut(&task) else { return };
-        if entry.attempts > max {
+        entry.running_on = None;
+        // A stream that already delivered items cannot restart from its first item elsewhere
+        // without the consumer seeing them twice: it fails instead of being retried.
+        let streaming = entry.request.sinks.items.is_some();
+        if entry.attempts > max || streaming {
             let attempts = entry.attempts;
             self.finish(task, Err(TaskError::NodesLost { attempts }));
             return;
         }
-        entry.running_on = None;
+        let placement = entry.request.placement;
         self.stats.requeued += 1;
         // Re-queued work goes first: it has waited longest.
-        self.queue.push_front(task);
+        self.enqueue_front(task, placement);
     }
 }
 
@@ -213,6 +280,7 @@ impl Actor for TaskManager {
             order: Vec::new(),
             cursor: 0,
             queue: VecDeque::new(),
+            pinned: HashMap::new(),
             tasks: HashMap::new(),
             max_retries: args.max_retries,
             pool_id: args.pool_id,
@@ -238,15 +306,16 @@ impl Actor for TaskManager {
                     .abort_handle()
                 });
                 state.tasks.insert(id, Entry { request, attempts: 0, running_on: None, timer });
-                // Fast path: nothing queued, dispatch right away.
+                // Fast path: nothing queued ahead of it, dispatch right away.
                 let placement = state.tasks[&id].request.placement;
-                if state.queue.is_empty()
-                    && let Some(rank) = state.pick(placement)
-                {
+                let nothing_ahead = match placement {
+                    Placement::Any => state.queue.is_empty(),
+                    Placement::Rank(r) => !state.pinned.contains_key(&r),
+                };
+                if nothing_ahead && let Some(rank) = state.pick(placement) {
                     state.dispatch(id, rank);
                 } else {
-                    state.queue.push_back(id);
-                    state.drain();
+                    state.enqueue_back(id, placement);
                 }
             }
             TmMsg::Completed { task, rank, outcome } => {
@@ -265,10 +334,14 @@ impl Actor for TaskManager {
                 if state.tasks.get(&task).is_some_and(|e| e.running_on == Some(rank)) {
                     if let Some(slot) = state.nodes.get_mut(&rank) {
                         slot.busy = slot.busy.saturating_sub(1);
+                        slot.node.forget(task);
                     }
                     state.requeue(task);
                     state.drain();
                 }
+            }
+            TmMsg::RankRetired { rank } => {
+                state.retire_rank(rank);
             }
             TmMsg::NodeReady { node } => {
                 let rank = node.rank;
@@ -301,7 +374,6 @@ impl Actor for TaskManager {
                 {
                     slot.node.cancel(task);
                 }
-                state.queue.retain(|t| *t != task);
                 state.finish(task, Err(TaskError::Cancelled));
                 state.drain();
             }
@@ -311,7 +383,6 @@ impl Actor for TaskManager {
                 {
                     slot.node.cancel(task);
                 }
-                state.queue.retain(|t| *t != task);
                 state.finish(task, Err(TaskError::Timeout(after)));
                 state.drain();
             }
@@ -327,7 +398,7 @@ impl Actor for TaskManager {
             }
             TmMsg::Stats(reply) => {
                 let mut stats = state.stats.clone();
-                stats.queued = state.queue.len();
+                stats.queued = state.tasks.values().filter(|e| e.running_on.is_none()).count();
                 stats.running = state.tasks.values().filter(|e| e.running_on.is_some()).count();
                 let _ = reply.send(stats);
             }
@@ -338,6 +409,7 @@ impl Actor for TaskManager {
                     state.finish(task, Err(TaskError::PoolClosed));
                 }
                 state.queue.clear();
+                state.pinned.clear();
             }
         }
         Ok(())

@@ -49,6 +49,16 @@ impl FramedRecv {
         }
     }
 
+    /// Change the frame size limit.
+    pub fn set_max_frame(&mut self, max: usize) {
+        self.decoder.set_max(max);
+    }
+
+    /// Bytes read from the stream but not yet returned as frames.
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        self.decoder.take_remaining()
+    }
+
     /// The underlying stream.
     pub fn inner_mut(&mut self) -> &mut quinn::RecvStream {
         &mut self.recv

@@ -68,3 +68,81 @@ pub fn client_endpoint(ca_cert_pem: &str, client: &CertBundle, idle_timeout: Dur
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skyward_proto::message::{TaskId, ToWorker};
+
+    /// A server of pool A, and a client holding `client` trusting `ca_pem`: does a frame get
+    /// through, and what does the server see?
+    async fn exchange(server_ca: &PoolCa, client_ca_pem: &str, client: &CertBundle) -> (bool, Option<String>) {
+        let server_cert = server_ca.issue_server().expect("server cert");
+        let server =
+            server_endpoint("127.0.0.1:0".parse().unwrap(), server_ca.cert(), &server_cert, Duration::from_secs(5)).expect("server");
+        let addr = server.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let incoming = server.accept().await.expect("incoming");
+            match incoming.await {
+                Ok(conn) => {
+                    let (_send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+                    let mut framed = FramedRecv::new(recv, 1024);
+                    framed.next::<ToWorker>("ToWorker").await.map_err(|e| e.to_string())?.ok_or("no frame".to_string()).map(|_| ())
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        let client = client_endpoint(client_ca_pem, client, Duration::from_secs(5)).expect("client");
+        let sent = async {
+            let conn = client.connect(addr, COORDINATOR_SERVER_NAME).ok()?.await.ok()?;
+            let (mut send, _recv) = conn.open_bi().await.ok()?;
+            write_frames(&mut send, &[ToWorker::Ack { task: TaskId(1) }]).await.ok()?;
+            send.finish().ok()?;
+            conn.closed().await;
+            Some(())
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), sent).await;
+        let server_side = tokio::time::timeout(Duration::from_secs(5), accept).await;
+        match server_side {
+            Ok(Ok(Ok(()))) => (true, None),
+            Ok(Ok(Err(e))) => (false, Some(e)),
+            other => (false, Some(format!("{other:?}"))),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_worker_of_the_pool_gets_through() {
+        let ca = PoolCa::generate("pool-a").unwrap();
+        let worker = ca.issue_worker("n1").unwrap();
+        let (ok, err) = exchange(&ca, &ca.cert().cert_pem, &worker).await;
+        assert!(ok, "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stranger_is_rejected_in_the_tls_handshake() {
+        let ca = PoolCa::generate("pool-a").unwrap();
+        let other = PoolCa::generate("pool-b").unwrap();
+        // Signed by another pool's CA, even while trusting our server.
+        let stranger = other.issue_worker("n1").unwrap();
+        let (ok, err) = exchange(&ca, &ca.cert().cert_pem, &stranger).await;
+        assert!(!ok, "stranger got through");
+        assert!(err.unwrap_or_default().to_lowercase().contains("certificate"), "rejected for its certificate");
+    }
+
+    #[tokio::test]
+    async fn a_worker_does_not_talk_to_another_pools_coordinator() {
+        let ca = PoolCa::generate("pool-a").unwrap();
+        let other = PoolCa::generate("pool-b").unwrap();
+        let worker = other.issue_worker("n1").unwrap();
+        let (ok, _) = exchange(&ca, &other.cert().cert_pem, &worker).await;
+        assert!(!ok, "a worker of pool b reached pool a");
+    }
+
+    #[test]
+    fn keys_never_appear_in_debug_output() {
+        let ca = PoolCa::generate("pool-a").unwrap();
+        let worker = ca.issue_worker("n1").unwrap();
+        let shown = format!("{worker:?} {ca:?}");
+        assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+    }
+}

@@ -80,6 +80,20 @@ impl FrameDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Change the frame size limit (e.g. raise it once a peer is authenticated).
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
+    /// Take the bytes buffered beyond the frames already returned (for a stream that switches
+    /// from frames to raw bytes).
+    pub fn take_remaining(&mut self) -> Vec<u8> {
+        let rest = self.buf[self.start..].to_vec();
+        self.buf.clear();
+        self.start = 0;
+        rest
+    }
+
     /// Bytes held that do not yet form a whole frame.
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.start

@@ -279,6 +279,12 @@ impl WorkerSession {
         self.transmit.push_back(ToCoordinator::BinaryStatus { hash, present });
     }
 
+    /// Whether `task` may send another stream item now.
+    pub fn has_credit(&self, task: TaskId) -> Result<bool, SendItemError> {
+        let running = self.running.get(&task).ok_or(SendItemError::UnknownTask)?;
+        Ok(running.next_seq < running.window_end)
+    }
+
     /// Queue one stream item of a running task, if its credit allows.
     pub fn send_item(&mut self, task: TaskId, payload: Vec<u8>) -> Result<(), SendItemError> {
         let running = self.running.get_mut(&task).ok_or(SendItemError::UnknownTask)?;
