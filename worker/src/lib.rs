@@ -308,25 +308,46 @@ impl Worker {
         result
     }
 
+    /// Serve a stream the coordinator opened: either one task (its `Submit`, then the peer
+    /// finishes) or a lane (`OpenLane`, then many `Submit`s). Replies for each task go back on the
+    /// stream its `Submit` arrived on; a task stream is finished after `Done`, a lane never is.
     async fn serve_task_stream(self: Arc<Self>, send: quinn::SendStream, recv: quinn::RecvStream) {
         let (tx, rx) = mpsc::unbounded_channel::<ToCoordinator>();
-        tokio::spawn(write_loop(send, rx, true));
         let mut recv = FramedRecv::new(recv, self.config.max_frame);
-        loop {
-            match recv.next::<ToWorker>("ToWorker").await {
-                Ok(Some(message)) => {
-                    let route = match &message {
-                        ToWorker::Submit { task, .. } | ToWorker::Resume { task, .. } => Some(*task),
-                        _ => None,
-                    };
-                    self.handle_incoming(message, route.map(|t| (t, &tx)));
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "closing a task stream");
-                    break;
-                }
+        let first = match recv.next::<ToWorker>("ToWorker").await {
+            Ok(Some(message)) => message,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "closing a task stream");
+                return;
             }
+        };
+        let lane = matches!(first, ToWorker::OpenLane);
+        let writer = tokio::spawn(write_loop(send, rx, !lane));
+        let mut next = Some(first);
+        loop {
+            let message = match next.take() {
+                Some(m) => m,
+                None => match recv.next::<ToWorker>("ToWorker").await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "closing a task stream");
+                        break;
+                    }
+                },
+            };
+            let route = match &message {
+                ToWorker::Submit { task, .. } | ToWorker::Resume { task, .. } => Some(*task),
+                ToWorker::OpenLane => continue,
+                _ => None,
+            };
+            self.handle_incoming(message, route.map(|t| (t, &tx)));
+        }
+        drop(tx);
+        if lane {
+            // The coordinator closed the lane: nothing more will be routed to it.
+            writer.abort();
         }
     }
 
@@ -421,7 +442,7 @@ impl Worker {
 /// Write queued messages to `send`, batching whatever is ready. A task stream (`task_stream`)
 /// carries nothing after `Done`, so it is finished then; the control stream never is.
 async fn write_loop(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<ToCoordinator>, task_stream: bool) {
-    let mut buf = Vec::with_capacity(4096);
+    let mut buf = Vec::with_capacity(if task_stream { 256 } else { 4096 });
     while let Some(first) = rx.recv().await {
         buf.clear();
         let mut finish = task_stream && matches!(first, ToCoordinator::Done { .. });
@@ -540,7 +561,8 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<ExitReason> {
     };
     loop {
         let notified = worker.exit_notify.notified();
-        if let Some(reason) = worker.exit.lock().expect("exit lock").clone() {
+        let exit = worker.exit.lock().expect("exit lock").clone();
+        if let Some(reason) = exit {
             timer.abort();
             connector.abort();
             worker.executors.shutdown().await;

@@ -35,11 +35,11 @@ pub enum Error {
         rank: Option<u32>,
         /// Why.
         #[source]
-        source: TaskError,
+        source: Box<TaskError>,
     },
     /// Arguments could not be encoded, or a result decoded.
     #[error(transparent)]
-    Codec(RemoteError),
+    Codec(Box<RemoteError>),
     /// A command exited unsuccessfully.
     #[error("command `{command}` on node {rank} {status}{}", if stderr_tail.is_empty() { String::new() } else { format!("; last stderr lines:\n{}", stderr_tail.join("\n")) })]
     CommandFailed {
@@ -61,7 +61,10 @@ impl Error {
     /// The structured remote error, when a task failed on a node.
     pub fn remote(&self) -> Option<&RemoteError> {
         match self {
-            Error::Task { source: TaskError::Remote(e), .. } => Some(e),
+            Error::Task { source, .. } => match source.as_ref() {
+                TaskError::Remote(e) => Some(e),
+                _ => None,
+            },
             Error::Codec(e) => Some(e),
             _ => None,
         }
@@ -70,14 +73,17 @@ impl Error {
     /// The task error, when a task did not produce a value.
     pub fn task_error(&self) -> Option<&TaskError> {
         match self {
-            Error::Task { source, .. } => Some(source),
+            Error::Task { source, .. } => Some(source.as_ref()),
             _ => None,
         }
     }
 }
 
 /// Pools alive in this process, for the Ctrl-C handler.
-static LIVE_POOLS: Mutex<Vec<(String, Arc<dyn Provider>, PoolContext)>> = Mutex::new(Vec::new());
+/// A live pool as the Ctrl-C handler needs it: id, provider, context.
+type LivePool = (String, Arc<dyn Provider>, PoolContext);
+
+static LIVE_POOLS: Mutex<Vec<LivePool>> = Mutex::new(Vec::new());
 static SIGNAL_HANDLER: OnceLock<()> = OnceLock::new();
 
 fn install_signal_handler() {
@@ -234,7 +240,7 @@ impl Pool {
     }
 
     fn function_kind<R>(&self, call: &Call<R>, streaming: bool) -> Result<TaskKind, Error> {
-        let args = call.args().map_err(|e| Error::Codec(e.clone()))?.to_vec();
+        let args = call.args().map_err(|e| Error::Codec(Box::new(e.clone())))?.to_vec();
         Ok(TaskKind::Function { name: call.name().to_string(), binary: self.inner.shared.binary.hash, args, streaming })
     }
 
@@ -283,13 +289,10 @@ impl Pool {
     }
 
     /// Run every call; yield `(index, result)` as each completes.
-    pub fn gather_unordered<R: DeserializeOwned>(
+    pub fn gather_unordered<R: DeserializeOwned + Send + 'static>(
         &self,
         calls: impl IntoIterator<Item = Call<R>>,
-    ) -> impl Stream<Item = (usize, Result<R, Error>)> + Send + 'static
-    where
-        R: Send + 'static,
-    {
+    ) -> impl Stream<Item = (usize, Result<R, Error>)> + Send + 'static {
         let futures: futures::stream::FuturesUnordered<_> = calls
             .into_iter()
             .enumerate()
@@ -386,9 +389,10 @@ impl Pool {
             keep(l);
         }
         let rank = done.rank.unwrap_or(0);
-        let bytes = done.result.map_err(|source| Error::Task { task: id, function: line.clone(), rank: done.rank, source })?;
+        let bytes =
+            done.result.map_err(|source| Error::Task { task: id, function: line.clone(), rank: done.rank, source: Box::new(source) })?;
         let exit: CommandExit = codec::from_bytes(&bytes, "CommandExit")
-            .map_err(|e| Error::Codec(RemoteError::new(skyward_proto::error::RemoteErrorKind::Codec, e.to_string())))?;
+            .map_err(|e| Error::Codec(Box::new(RemoteError::new(skyward_proto::error::RemoteErrorKind::Codec, e.to_string()))))?;
         if exit.code != Some(0) {
             let status = match (exit.code, exit.signal) {
                 (Some(c), _) => format!("exited with code {c}"),
@@ -493,7 +497,7 @@ fn decode<R: DeserializeOwned>(name: &str, bytes: &[u8]) -> Result<R, Error> {
             format!("cannot decode the result of `{name}`: {e}; do the coordinator and the nodes run the same binary?"),
         );
         err.type_name = "skyward::CodecError".into();
-        Error::Codec(err)
+        Error::Codec(Box::new(err))
     })
 }
 
@@ -514,7 +518,7 @@ impl<R: DeserializeOwned> Future for TaskHandle<R> {
                 let task = this.id.unwrap_or(TaskId(0));
                 Poll::Ready(match done.result {
                     Ok(bytes) => decode(&this.name, &bytes),
-                    Err(source) => Err(Error::Task { task, function: this.name.clone(), rank: done.rank, source }),
+                    Err(source) => Err(Error::Task { task, function: this.name.clone(), rank: done.rank, source: Box::new(source) }),
                 })
             }
         }
@@ -576,8 +580,12 @@ impl<T: DeserializeOwned> Stream for TaskStream<T> {
                     this.done = None;
                     let result = done.map(|d| d.result).unwrap_or(Err(TaskError::PoolClosed));
                     if let Err(source) = result {
-                        this.early =
-                            Some(Error::Task { task: this.id.unwrap_or(TaskId(0)), function: this.name.clone(), rank: None, source });
+                        this.early = Some(Error::Task {
+                            task: this.id.unwrap_or(TaskId(0)),
+                            function: this.name.clone(),
+                            rank: None,
+                            source: Box::new(source),
+                        });
                     }
                     return Poll::Ready(Some(decode(&this.name, &bytes)));
                 }
@@ -590,7 +598,7 @@ impl<T: DeserializeOwned> Stream for TaskStream<T> {
                         task: this.id.unwrap_or(TaskId(0)),
                         function: this.name.clone(),
                         rank: done.rank,
-                        source,
+                        source: Box::new(source),
                     }))),
                 }
             }

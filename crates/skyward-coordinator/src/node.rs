@@ -70,6 +70,40 @@ pub(crate) struct NodeShared {
     node_actor: Mutex<Option<ActorRef<NodeMsg>>>,
     max_frame: usize,
     wake_timer: Notify,
+    /// Long-lived streams that carry small unary tasks (see [`LANES`]); empty until opened.
+    lanes: Mutex<Vec<mpsc::UnboundedSender<ToWorker>>>,
+    next_lane: std::sync::atomic::AtomicUsize,
+}
+
+/// Lanes per connection. Small unary tasks share these streams instead of opening one stream
+/// each: no stream setup, no task spawned per dispatch, and frames of concurrent tasks are
+/// batched into one write. Tasks with large arguments, streams and commands keep a stream each.
+const LANES: usize = 4;
+
+/// Arguments up to this size travel on a lane.
+const LANE_MAX_ARGS: usize = 64 * 1024;
+
+/// Open the lanes of a new connection and install them once all are open.
+async fn open_lanes(shared: Arc<NodeShared>, connection: quinn::Connection) {
+    let mut senders = Vec::with_capacity(LANES);
+    for _ in 0..LANES {
+        let Ok((send, recv)) = connection.open_bi().await else { return };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(ToWorker::OpenLane);
+        tokio::spawn(control_writer(send, rx));
+        let reader_shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let mut recv = FramedRecv::new(recv, reader_shared.max_frame);
+            while let Ok(Some(message)) = recv.next::<ToCoordinator>("ToCoordinator").await {
+                reader_shared.process(message);
+            }
+        });
+        senders.push(tx);
+    }
+    let current = shared.connection.lock().expect("connection lock").as_ref().map(quinn::Connection::stable_id);
+    if current == Some(connection.stable_id()) {
+        *shared.lanes.lock().expect("lanes lock") = senders;
+    }
 }
 
 impl NodeShared {
@@ -170,7 +204,19 @@ impl NodeHandle {
         if sinks.items.is_some() || sinks.output.is_some() {
             shared.sinks.lock().expect("sinks lock").insert(task, sinks);
         }
-        let submit = shared.session.lock().expect("session lock").submit(task, spec);
+        let small = matches!(&spec.kind, TaskKind::Function { args, streaming: false, .. } if args.len() <= LANE_MAX_ARGS);
+        let mut submit = shared.session.lock().expect("session lock").submit(task, spec);
+        if small {
+            let lanes = shared.lanes.lock().expect("lanes lock");
+            if !lanes.is_empty() {
+                let i = shared.next_lane.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % lanes.len();
+                match lanes[i].send(submit) {
+                    Ok(()) => return,
+                    // The lane closed with its connection: fall back to a stream of its own.
+                    Err(returned) => submit = returned.0,
+                }
+            }
+        }
         let Some(connection) = shared.connection.lock().expect("connection lock").clone() else {
             // No connection right now: the task stays in flight and is resumed or re-queued
             // when the worker reconnects or is declared lost.
@@ -288,6 +334,8 @@ pub(crate) fn new_shared(
         node_actor: Mutex::new(None),
         max_frame,
         wake_timer: Notify::new(),
+        lanes: Mutex::new(Vec::new()),
+        next_lane: std::sync::atomic::AtomicUsize::new(0),
     })
 }
 
@@ -373,6 +421,7 @@ impl Actor for Node {
             t.abort();
         }
         *state.shared.control.lock().expect("control lock") = None;
+        state.shared.lanes.lock().expect("lanes lock").clear();
         if let Some(c) = state.shared.connection.lock().expect("connection lock").take() {
             c.close(0u32.into(), b"node stopped");
         }
@@ -398,6 +447,7 @@ impl Actor for Node {
                 state.tasks.push(tokio::spawn(control_writer(send, rx)));
                 *shared.control.lock().expect("control lock") = Some(tx);
                 *shared.connection.lock().expect("connection lock") = Some(connection.clone());
+                shared.lanes.lock().expect("lanes lock").clear();
                 let facts = hello.worker.clone();
                 let (transmit, events, accepted) = {
                     let mut session = shared.session.lock().expect("session lock");
@@ -414,6 +464,7 @@ impl Actor for Node {
                     return Ok(());
                 }
                 state.address = connection.remote_address().ip().to_string();
+                state.tasks.push(tokio::spawn(open_lanes(Arc::clone(&shared), connection.clone())));
                 // Control stream reader: everything not on a task stream.
                 let reader_shared = Arc::clone(&shared);
                 let me = myself.clone();
@@ -514,6 +565,7 @@ impl Actor for Node {
                         c.close(1u32.into(), b"control stream closed");
                     }
                     *shared.control.lock().expect("control lock") = None;
+                    shared.lanes.lock().expect("lanes lock").clear();
                 }
             }
             NodeMsg::Drain => {

@@ -315,10 +315,8 @@ impl Actor for PoolActor {
                     myself.stop(Some("component failed".into()));
                 }
             }
-            SupervisionEvent::ActorTerminated(cell, _, _) => {
-                if state.provisioner.as_ref().is_some_and(|p| p.get_id() == cell.get_id()) {
-                    state.provisioner = None;
-                }
+            SupervisionEvent::ActorTerminated(cell, _, _) if state.provisioner.as_ref().is_some_and(|p| p.get_id() == cell.get_id()) => {
+                state.provisioner = None;
             }
             _ => {}
         }

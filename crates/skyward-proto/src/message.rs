@@ -224,6 +224,9 @@ pub enum ToWorker {
         /// Number of bytes that follow the frame.
         len: u64,
     },
+    /// First frame of a long-lived bidirectional stream ("lane") that carries many small tasks:
+    /// the worker answers each task on the lane its `Submit` arrived on and keeps the lane open.
+    OpenLane,
     /// The worker should stop serving and exit.
     Shutdown,
 }
@@ -292,6 +295,7 @@ impl ToWorker {
             ToWorker::Ack { .. } => "Ack",
             ToWorker::QueryBinary { .. } => "QueryBinary",
             ToWorker::PutBinary { .. } => "PutBinary",
+            ToWorker::OpenLane => "OpenLane",
             ToWorker::Shutdown => "Shutdown",
         }
     }

@@ -268,7 +268,7 @@ impl WorkerSession {
             }
             ToWorker::QueryBinary { hash } => self.events.push_back(WorkerEvent::QueryBinary { hash }),
             // The glue handles binary uploads itself; the frame only opens the byte stream.
-            ToWorker::PutBinary { .. } => {}
+            ToWorker::PutBinary { .. } | ToWorker::OpenLane => {}
             ToWorker::Shutdown => self.events.push_back(WorkerEvent::Shutdown),
         }
         Ok(())
