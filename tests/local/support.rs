@@ -45,7 +45,9 @@ pub(crate) fn run_child_mode() -> bool {
     let Ok(mode) = std::env::var(CHILD_MODE) else { return false };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
-        let pool = pool(2, 1).await.expect("child pool starts");
+        // A short instance timeout: the SIGKILL test waits for the workers to notice the silence.
+        let options = Options { instance_timeout: Duration::from_secs(3), ..test_options() };
+        let pool = Compute::new(Local::default()).nodes(2).options(options).start().await.expect("child pool starts");
         println!("POOL {}", pool.pool_id());
         use std::io::Write;
         std::io::stdout().flush().ok();

@@ -152,8 +152,17 @@ async fn commands() -> anyhow::Result<()> {
     let err = pool.command(Command::new("/no/such/program")).await.expect_err("missing program");
     anyhow::ensure!(err.to_string().contains("cannot start `/no/such/program`"), "error was: {err}");
 
-    let err = pool.command(Command::new("sleep").arg("30").timeout(std::time::Duration::from_millis(300))).await.expect_err("timeout");
+    // A timeout ends the command and everything it started (its process group).
+    let err = pool
+        .command(Command::shell("sleep 31.7 & sleep 31.7; wait").timeout(std::time::Duration::from_millis(300)))
+        .await
+        .expect_err("timeout");
     anyhow::ensure!(err.to_string().contains("timed out"), "error was: {err}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while sleepers("31.7") > 0 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "processes of a timed-out command survived");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     pool.shutdown().await?;
     assert_no_workers(&id)
 }
@@ -168,4 +177,18 @@ async fn upload_path() -> anyhow::Result<()> {
     anyhow::ensure!(pool.broadcast(add(2, 3)).await? == vec![5, 5]);
     pool.shutdown().await?;
     assert_no_workers(&id)
+}
+
+/// Live `sleep <arg>` processes on this machine.
+fn sleepers(arg: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    entries
+        .flatten()
+        .filter(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+            !zombie && cmdline == format!("sleep\0{arg}\0").as_bytes()
+        })
+        .count()
 }

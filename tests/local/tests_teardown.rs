@@ -10,6 +10,7 @@ pub(crate) fn trials() -> Vec<Trial> {
     vec![
         Trial::test("teardown::shutdown_and_drop_leave_no_worker", || block_on(shutdown_and_drop())),
         Trial::test("teardown::ctrl_c_leaves_no_worker", || child("wait", true)),
+        Trial::test("teardown::killed_coordinator_workers_end_themselves", killed_coordinator),
         Trial::test("teardown::error_exit_leaves_no_worker", || child("error", false)),
         Trial::test("teardown::panic_leaves_no_worker", || child("panic", false)),
     ]
@@ -63,4 +64,34 @@ fn child(mode: &str, interrupt: bool) -> Result<(), libtest_mimic::Failed> {
         return Err(format!("Ctrl-C exit status {status:?}, expected 130").into());
     }
     assert_no_workers(&pool_id).map_err(|e| e.to_string().into())
+}
+
+/// SIGKILL the coordinator: no handler runs, so the workers must notice the silence and end
+/// themselves within instance_timeout (3 s in child mode).
+fn killed_coordinator() -> Result<(), libtest_mimic::Failed> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .env(CHILD_MODE, "wait")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start child: {e}"))?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).map_err(|e| e.to_string())?;
+    let pool_id = line.trim().strip_prefix("POOL ").ok_or_else(|| format!("child printed {line:?}"))?.to_string();
+    if leftover(&pool_id).len() != 2 {
+        return Err("two workers expected before the kill".into());
+    }
+    child.kill().map_err(|e| e.to_string())?;
+    child.wait().map_err(|e| e.to_string())?;
+    let killed = Instant::now();
+    while !leftover(&pool_id).is_empty() {
+        if killed.elapsed() > Duration::from_secs(15) {
+            return Err(format!("workers of {pool_id} still running 15 s after the coordinator died").into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("workers ended {:?} after the coordinator was killed", killed.elapsed());
+    Ok(())
 }

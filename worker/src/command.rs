@@ -15,11 +15,26 @@ pub async fn run(spec: CommandSpec, on_line: impl Fn(OutputStream, String) + Sen
     if let Some(cwd) = &spec.cwd {
         command.current_dir(cwd);
     }
+    // Its own process group, so a timeout or a cancel ends what the command started too (a
+    // background child would otherwise keep the pipes open and the task alive).
+    command.process_group(0);
     let mut child = command.spawn().map_err(|e| {
         let mut err = RemoteError::new(RemoteErrorKind::Command, format!("cannot start `{program}`: {e}"));
         err.type_name = "std::io::Error".into();
         err
     })?;
+    struct KillGroup(Option<u32>);
+    impl Drop for KillGroup {
+        fn drop(&mut self) {
+            if let Some(pgid) = self.0 {
+                // SAFETY: killpg takes plain integers; a group that is gone yields ESRCH.
+                unsafe {
+                    libc::killpg(pgid as i32, libc::SIGKILL);
+                }
+            }
+        }
+    }
+    let mut group = KillGroup(child.id());
     let on_line = std::sync::Arc::new(on_line);
     let out = pump(child.stdout.take(), OutputStream::Stdout, std::sync::Arc::clone(&on_line));
     let err = pump(child.stderr.take(), OutputStream::Stderr, on_line);
@@ -37,6 +52,8 @@ pub async fn run(spec: CommandSpec, on_line: impl Fn(OutputStream, String) + Sen
         None => wait.await,
     }
     .map_err(|e| RemoteError::new(RemoteErrorKind::Command, format!("cannot wait for `{program}`: {e}")))?;
+    // Exited normally: leave any processes it deliberately left running alone.
+    group.0 = None;
     use std::os::unix::process::ExitStatusExt;
     Ok(CommandExit { code: status.code(), signal: status.signal() })
 }

@@ -246,7 +246,14 @@ impl NodeHandle {
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::debug!(%task, error = %e, "task stream ended");
+                        // Undecodable or oversize reply: the stream is out of sync and nothing more
+                        // will arrive for this task on it. Fail the task with the reason.
+                        tracing::warn!(%task, error = %e, "task stream broke");
+                        let error = skyward_proto::error::RemoteError::new(
+                            skyward_proto::error::RemoteErrorKind::Worker,
+                            format!("the reply stream of this task broke: {e}"),
+                        );
+                        shared.process(ToCoordinator::Done { task, outcome: Outcome::Error(error) });
                         break;
                     }
                 }

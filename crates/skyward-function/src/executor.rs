@@ -194,6 +194,9 @@ fn handle(message: ToExecutor, tx: &mpsc::UnboundedSender<FromExecutor>, calls: 
         ToExecutor::Cancel { id } => {
             if let Some((abort, _)) = calls.lock().expect("calls lock").remove(&id) {
                 abort.abort();
+                // Answer anyway, so the worker forgets its waiter for this call.
+                let err = RemoteError::new(RemoteErrorKind::Worker, "call cancelled");
+                let _ = tx.send(FromExecutor::Done { id, result: Err(err) });
             }
         }
     }
