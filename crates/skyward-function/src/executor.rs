@@ -13,6 +13,7 @@ use skyward_proto::error::{RemoteError, RemoteErrorKind};
 use skyward_proto::exec::{FromExecutor, ToExecutor};
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex, Once};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -148,9 +149,7 @@ fn handle(message: ToExecutor, tx: &mpsc::UnboundedSender<FromExecutor>, calls: 
             let calls_for_task = Arc::clone(calls);
             let invoke = entry.invoke;
             let sem = semaphore.clone();
-            // Hold the lock across spawn + insert so a fast task's removal cannot precede its insert.
-            let mut guard = calls.lock().expect("calls lock");
-            let handle = tokio::spawn(async move {
+            let mut call = Box::pin(async move {
                 let body = async {
                     match (invoke, sem) {
                         (Invoke::Unary(f), _) => f(args).await.map(serde_bytes::ByteBuf::from),
@@ -184,6 +183,16 @@ fn handle(message: ToExecutor, tx: &mpsc::UnboundedSender<FromExecutor>, calls: 
                 calls_for_task.lock().expect("calls lock").remove(&id);
                 let _ = tx.send(FromExecutor::Done { id, result });
             });
+            // Poll once right here: a call that finishes without waiting (small functions) then
+            // costs no spawned task and no wake-up. One that waits is spawned; tokio polls it
+            // again at once, registering its real waker.
+            let waker = futures::task::noop_waker();
+            if call.as_mut().poll(&mut std::task::Context::from_waker(&waker)).is_ready() {
+                return;
+            }
+            // Hold the lock across spawn + insert so a fast task's removal cannot precede its insert.
+            let mut guard = calls.lock().expect("calls lock");
+            let handle = tokio::spawn(call);
             guard.insert(id, (handle.abort_handle(), semaphore));
         }
         ToExecutor::Credit { id, items } => {
