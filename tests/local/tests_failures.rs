@@ -59,6 +59,7 @@ pub(crate) fn trials() -> Vec<Trial> {
         Trial::test("failures::unknown_function_is_named", || block_on(unknown_function())),
         Trial::test("failures::binary_for_another_machine_is_refused_before_upload", || block_on(foreign_binary())),
         Trial::test("failures::lost_node_tasks_requeue_and_node_is_replaced", || block_on(lost_node())),
+        Trial::test("failures::a_worker_that_cannot_start_fails_the_start_quickly_with_its_log", || block_on(broken_worker())),
     ]
 }
 
@@ -204,4 +205,25 @@ async fn lost_node() -> anyhow::Result<()> {
 #[skyward::function]
 async fn rank() -> u32 {
     skyward::instance_info().rank
+}
+
+async fn broken_worker() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("skyward-broken-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let script = dir.join("skyward-worker");
+    std::fs::write(&script, "#!/bin/sh\necho 'fatal: cannot open /dev/nvidia0: permission denied' >&2\nexit 1\n")?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    let started = Instant::now();
+    let err = skyward::Compute::new(skyward::Local::default().worker_binary(&script))
+        .nodes(2)
+        .options(crate::support::test_options())
+        .start()
+        .await
+        .expect_err("a worker that exits cannot start a pool");
+    let text = err.to_string();
+    let _ = std::fs::remove_dir_all(&dir);
+    anyhow::ensure!(text.contains("exited before connecting") && text.contains("permission denied"), "error was: {text}");
+    anyhow::ensure!(started.elapsed() < Duration::from_secs(10), "took {:?} (start_timeout is 60 s)", started.elapsed());
+    Ok(())
 }

@@ -63,6 +63,8 @@ pub struct Options {
     pub max_frame: usize,
     /// Limit for putting the executable on a node.
     pub upload_timeout: Duration,
+    /// How long a provisioned node may take until its worker connects.
+    pub connect_timeout: Duration,
     /// Stream items a streaming task may send ahead of the consumer.
     pub stream_window: u32,
 }
@@ -79,6 +81,7 @@ impl Default for Options {
             default_task_timeout: None,
             max_frame: skyward_proto::codec::DEFAULT_MAX_FRAME,
             upload_timeout: Duration::from_secs(600),
+            connect_timeout: Duration::from_secs(300),
             stream_window: 64,
         }
     }

@@ -73,6 +73,8 @@ pub(crate) struct NodeShared {
     /// Long-lived streams that carry small unary tasks (see [`LANES`]); empty until opened.
     lanes: Mutex<Vec<mpsc::UnboundedSender<ToWorker>>>,
     next_lane: std::sync::atomic::AtomicUsize,
+    /// Set once the worker has connected (stops the boot watcher).
+    connected: std::sync::atomic::AtomicBool,
 }
 
 /// Lanes per connection. Small unary tasks share these streams instead of opening one stream
@@ -305,9 +307,51 @@ pub(crate) struct NodeArgs {
     pub(crate) pool: ActorRef<PoolMsg>,
     pub(crate) binary: Arc<ShippedBinary>,
     pub(crate) upload_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) provider: Arc<dyn skyward_provider::Provider>,
+    pub(crate) ctx: skyward_provider::PoolContext,
+}
+
+/// Until the worker connects, check on the instance: a worker that exits or never connects fails
+/// the node with its log's last lines, instead of leaving `start()` waiting for its timeout.
+async fn watch_boot(
+    shared: Arc<NodeShared>,
+    pool: ActorRef<PoolMsg>,
+    provider: Arc<dyn skyward_provider::Provider>,
+    ctx: skyward_provider::PoolContext,
+    instance_id: String,
+    connect_timeout: Duration,
+) {
+    let started = Instant::now();
+    // Bounded: one provider query per 250 ms until connected, gone, or the deadline.
+    let problem = loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if shared.connected.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        match provider.get_instance(&ctx, &instance_id).await {
+            Ok(Some(i)) if i.state == skyward_provider::InstanceState::Terminated => {
+                break format!("the worker on {instance_id} exited before connecting");
+            }
+            Ok(None) => break format!("the provider no longer knows instance {instance_id}"),
+            _ => {}
+        }
+        if started.elapsed() >= connect_timeout {
+            break format!("the worker on {instance_id} did not connect within {connect_timeout:?}");
+        }
+    };
+    let tail = provider.worker_log_tail(&ctx, &shared.node_id, 20).await.filter(|t| !t.trim().is_empty());
+    let error = match tail {
+        Some(tail) => format!("{problem}; last lines of its log:\n{tail}"),
+        None => format!("{problem} (its log is empty)"),
+    };
+    let _ = pool.cast(PoolMsg::NodeFailed { rank: shared.rank, error });
 }
 
 pub(crate) struct NodeStateData {
+    connect_timeout: Duration,
+    provider: Arc<dyn skyward_provider::Provider>,
+    ctx: skyward_provider::PoolContext,
     shared: Arc<NodeShared>,
     pool: ActorRef<PoolMsg>,
     binary: Arc<ShippedBinary>,
@@ -343,6 +387,7 @@ pub(crate) fn new_shared(
         wake_timer: Notify::new(),
         lanes: Mutex::new(Vec::new()),
         next_lane: std::sync::atomic::AtomicUsize::new(0),
+        connected: std::sync::atomic::AtomicBool::new(false),
     })
 }
 
@@ -408,6 +453,9 @@ impl Actor for Node {
         // never connects is lost after `lost_after` as well... but boot takes longer than that, so
         // the timer starts only once the worker connects (see Connected).
         Ok(NodeStateData {
+            connect_timeout: args.connect_timeout,
+            provider: args.provider,
+            ctx: args.ctx,
             shared: args.shared,
             pool: args.pool,
             binary: args.binary,
@@ -442,6 +490,14 @@ impl Actor for Node {
                 tracing::debug!(node = %shared.node_id, %instance_id, "instance provisioned");
                 if state.state == NodeState::Requested {
                     state.state = NodeState::Booting;
+                    state.tasks.push(tokio::spawn(watch_boot(
+                        Arc::clone(&shared),
+                        state.pool.clone(),
+                        Arc::clone(&state.provider),
+                        state.ctx.clone(),
+                        instance_id,
+                        state.connect_timeout,
+                    )));
                 }
             }
             NodeMsg::Connected { connection, send, recv, hello } => {
@@ -449,6 +505,7 @@ impl Actor for Node {
                     connection.close(1u32.into(), b"node already replaced");
                     return Ok(());
                 }
+                shared.connected.store(true, std::sync::atomic::Ordering::Release);
                 let now = shared.now();
                 let (tx, rx) = mpsc::unbounded_channel();
                 state.tasks.push(tokio::spawn(control_writer(send, rx)));

@@ -143,6 +143,9 @@ impl PoolState {
                 pool: myself.clone(),
                 binary: Arc::clone(&shared.binary),
                 upload_timeout: shared.options.upload_timeout,
+                connect_timeout: shared.options.connect_timeout,
+                provider: Arc::clone(&shared.provider),
+                ctx: shared.ctx.clone(),
             },
             myself.get_cell(),
         )

@@ -171,6 +171,12 @@ pub trait Provider: Send + Sync + fmt::Debug + 'static {
         Box::pin(async { Ok(false) })
     }
 
+    /// The last `lines` lines of the worker's own log for `node_id`, when the provider can read
+    /// it (shown to the user when a worker fails to start).
+    fn worker_log_tail<'a>(&'a self, _pool: &'a PoolContext, _node_id: &'a str, _lines: usize) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async { None })
+    }
+
     /// Last-resort synchronous teardown for drop and signal paths, where no runtime may be
     /// available. Must not block for long.
     fn emergency_teardown(&self, pool: &PoolContext);

@@ -332,6 +332,14 @@ impl Provider for Local {
         })
     }
 
+    fn worker_log_tail<'a>(&'a self, pool: &'a PoolContext, node_id: &'a str, lines: usize) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async move {
+            let text = std::fs::read_to_string(pool.state_dir.join(format!("{node_id}.log"))).ok()?;
+            let all: Vec<&str> = text.lines().collect();
+            Some(all[all.len().saturating_sub(lines)..].join("\n"))
+        })
+    }
+
     fn emergency_teardown(&self, pool: &PoolContext) {
         let pids = self.pids(&pool.pool_id);
         for (_, pid) in &pids {
