@@ -3,6 +3,7 @@
 //! Supervision: an executor that exits (abort, segfault, kill) fails the calls it had in flight
 //! with `ExecutorDied` and the exit reason; the next call starts a fresh one.
 
+use skyward_net::unix::UnixFrameWriter;
 use skyward_proto::codec::{self, FrameDecoder};
 use skyward_proto::error::{RemoteError, RemoteErrorKind};
 use skyward_proto::exec::{ENV_EXECUTOR_SOCKET, ENV_ROLE, FromExecutor, ROLE_EXECUTOR, ToExecutor};
@@ -13,7 +14,7 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::UnixListener;
 use tokio::sync::{Mutex as AsyncMutex, mpsc};
 
@@ -29,7 +30,7 @@ pub enum CallEvent {
 type Waiters = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<CallEvent>>>>;
 
 struct Running {
-    tx: mpsc::UnboundedSender<ToExecutor>,
+    tx: UnixFrameWriter,
     waiters: Waiters,
     alive: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -55,18 +56,18 @@ pub struct CallHandle {
     /// Events of the call.
     pub events: mpsc::UnboundedReceiver<CallEvent>,
     id: u64,
-    tx: mpsc::UnboundedSender<ToExecutor>,
+    tx: UnixFrameWriter,
 }
 
 impl CallHandle {
     /// Forward stream credit.
     pub fn credit(&self, items: u32) {
-        let _ = self.tx.send(ToExecutor::Credit { id: self.id, items });
+        let _ = self.tx.send(&ToExecutor::Credit { id: self.id, items });
     }
 
     /// Abort the call.
     pub fn cancel(&self) {
-        let _ = self.tx.send(ToExecutor::Cancel { id: self.id });
+        let _ = self.tx.send(&ToExecutor::Cancel { id: self.id });
     }
 }
 
@@ -127,7 +128,7 @@ impl Executors {
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
         let (events_tx, events) = mpsc::unbounded_channel();
         waiters.lock().expect("waiters").insert(id, events_tx);
-        if tx.send(ToExecutor::Call { id, name, args, info, streaming, credit }).is_err() {
+        if tx.send(&ToExecutor::Call { id, name, args, info, streaming, credit }).is_err() {
             waiters.lock().expect("waiters").remove(&id);
             return Err(RemoteError::new(RemoteErrorKind::ExecutorDied, "executor exited before the call could be sent"));
         }
@@ -163,26 +164,8 @@ impl Executors {
         };
         let (stream, _) = accepted?;
         let _ = std::fs::remove_file(&socket);
-        let (mut reader, mut writer) = stream.into_split();
-        let (tx, mut rx) = mpsc::unbounded_channel::<ToExecutor>();
-        tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(4096);
-            while let Some(first) = rx.recv().await {
-                buf.clear();
-                let _ = codec::encode_frame(&first, &mut buf);
-                while buf.len() < 256 * 1024 {
-                    match rx.try_recv() {
-                        Ok(more) => {
-                            let _ = codec::encode_frame(&more, &mut buf);
-                        }
-                        Err(_) => break,
-                    }
-                }
-                if writer.write_all(&buf).await.is_err() {
-                    break;
-                }
-            }
-        });
+        let (mut reader, writer) = stream.into_split();
+        let tx = UnixFrameWriter::new(writer);
         let waiters: Waiters = Arc::default();
         let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let reader_waiters = Arc::clone(&waiters);

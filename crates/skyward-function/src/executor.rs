@@ -15,9 +15,9 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, Once};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 
 thread_local! {
     static PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
@@ -80,31 +80,10 @@ type Calls = Arc<Mutex<HashMap<u64, (tokio::task::AbortHandle, Option<Arc<Semaph
 pub async fn serve(path: &str) -> Result<(), ExecutorError> {
     install_panic_hook();
     let stream = UnixStream::connect(path).await.map_err(|source| ExecutorError::Connect { path: path.into(), source })?;
-    let (mut reader, mut writer) = stream.into_split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<FromExecutor>();
-    let writer_task = tokio::spawn(async move {
-        let mut buf = Vec::with_capacity(4096);
-        while let Some(first) = rx.recv().await {
-            buf.clear();
-            if codec::encode_frame(&first, &mut buf).is_err() {
-                continue;
-            }
-            // Batch whatever else is ready into the same write: fewer syscalls under load.
-            while buf.len() < 256 * 1024 {
-                match rx.try_recv() {
-                    Ok(more) => {
-                        let _ = codec::encode_frame(&more, &mut buf);
-                    }
-                    Err(_) => break,
-                }
-            }
-            if writer.write_all(&buf).await.is_err() {
-                break;
-            }
-        }
-    });
+    let (mut reader, writer) = stream.into_split();
+    let tx = skyward_net::unix::UnixFrameWriter::new(writer);
     let functions = u32::try_from(crate::FUNCTIONS.len()).unwrap_or(u32::MAX);
-    let _ = tx.send(FromExecutor::Ready { pid: std::process::id(), functions });
+    let _ = tx.send(&FromExecutor::Ready { pid: std::process::id(), functions });
 
     let calls: Calls = Arc::default();
     let mut decoder = FrameDecoder::new(codec::DEFAULT_MAX_FRAME);
@@ -123,11 +102,10 @@ pub async fn serve(path: &str) -> Result<(), ExecutorError> {
     for (_, (abort, _)) in calls.lock().expect("calls lock").drain() {
         abort.abort();
     }
-    let _ = writer_task.await;
     Ok(())
 }
 
-fn handle(message: ToExecutor, tx: &mpsc::UnboundedSender<FromExecutor>, calls: &Calls) {
+fn handle(message: ToExecutor, tx: &skyward_net::unix::UnixFrameWriter, calls: &Calls) {
     match message {
         ToExecutor::Call { id, name, args, info, streaming, credit } => {
             let tx = tx.clone();
@@ -141,7 +119,7 @@ fn handle(message: ToExecutor, tx: &mpsc::UnboundedSender<FromExecutor>, calls: 
                         if names.is_empty() { "none".to_string() } else { names.join(", ") }
                     ),
                 );
-                let _ = tx.send(FromExecutor::Done { id, result: Err(err) });
+                let _ = tx.send(&FromExecutor::Done { id, result: Err::<serde_bytes::ByteBuf, _>(err) });
                 return;
             };
             let info = Arc::new(info);
@@ -159,7 +137,7 @@ fn handle(message: ToExecutor, tx: &mpsc::UnboundedSender<FromExecutor>, calls: 
                                 let payload = item?;
                                 let Ok(permit) = sem.acquire().await else { break };
                                 permit.forget();
-                                if tx.send(FromExecutor::Item { id, payload }).is_err() {
+                                if tx.send(&FromExecutor::Item { id, payload }).is_err() {
                                     break;
                                 }
                             }
@@ -181,7 +159,7 @@ fn handle(message: ToExecutor, tx: &mpsc::UnboundedSender<FromExecutor>, calls: 
                     }),
                 };
                 calls_for_task.lock().expect("calls lock").remove(&id);
-                let _ = tx.send(FromExecutor::Done { id, result });
+                let _ = tx.send(&FromExecutor::Done { id, result });
             });
             // Poll once right here: a call that finishes without waiting (small functions) then
             // costs no spawned task and no wake-up. One that waits is spawned; tokio polls it
@@ -205,7 +183,7 @@ fn handle(message: ToExecutor, tx: &mpsc::UnboundedSender<FromExecutor>, calls: 
                 abort.abort();
                 // Answer anyway, so the worker forgets its waiter for this call.
                 let err = RemoteError::new(RemoteErrorKind::Worker, "call cancelled");
-                let _ = tx.send(FromExecutor::Done { id, result: Err(err) });
+                let _ = tx.send(&FromExecutor::Done { id, result: Err::<serde_bytes::ByteBuf, _>(err) });
             }
         }
     }

@@ -10,6 +10,7 @@
 
 pub mod framed;
 pub mod tls;
+pub mod unix;
 
 pub use framed::{FramedRecv, RecvError, WriteError, write_frames};
 pub use tls::{CertBundle, PoolCa, TlsError};
