@@ -31,7 +31,26 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, mpsc};
 
-type Sink = mpsc::UnboundedSender<ToCoordinator>;
+/// Where messages for the coordinator go: a writer task's channel (control and task streams) or
+/// a lane written directly.
+#[derive(Clone)]
+enum Sink {
+    Channel(mpsc::UnboundedSender<ToCoordinator>),
+    Lane(skyward_net::LaneWriter),
+}
+
+impl Sink {
+    fn send(&self, message: ToCoordinator) {
+        match self {
+            Sink::Channel(tx) => {
+                let _ = tx.send(message);
+            }
+            Sink::Lane(lane) => {
+                let _ = lane.send(&message);
+            }
+        }
+    }
+}
 
 /// State shared by the worker's tasks. Guarded by one mutex; sections are short and never await.
 struct Core {
@@ -85,7 +104,7 @@ impl Worker {
             if let Some(sink) = sink {
                 let done = matches!(message, ToCoordinator::Done { .. });
                 let task = message.task();
-                let _ = sink.send(message);
+                sink.send(message);
                 if done && let Some(task) = task {
                     core.task_sinks.remove(&task);
                 }
@@ -312,7 +331,6 @@ impl Worker {
     /// finishes) or a lane (`OpenLane`, then many `Submit`s). Replies for each task go back on the
     /// stream its `Submit` arrived on; a task stream is finished after `Done`, a lane never is.
     async fn serve_task_stream(self: Arc<Self>, send: quinn::SendStream, recv: quinn::RecvStream) {
-        let (tx, rx) = mpsc::unbounded_channel::<ToCoordinator>();
         let mut recv = FramedRecv::new(recv, self.config.max_frame);
         let first = match recv.next::<ToWorker>("ToWorker").await {
             Ok(Some(message)) => message,
@@ -322,8 +340,12 @@ impl Worker {
                 return;
             }
         };
-        let lane = matches!(first, ToWorker::OpenLane);
-        let writer = tokio::spawn(write_loop(send, rx, !lane));
+        let (sink, writer) = if matches!(first, ToWorker::OpenLane) {
+            (Sink::Lane(skyward_net::LaneWriter::new(send)), None)
+        } else {
+            let (tx, rx) = mpsc::unbounded_channel::<ToCoordinator>();
+            (Sink::Channel(tx), Some(tokio::spawn(write_loop(send, rx, true))))
+        };
         let mut next = Some(first);
         loop {
             let message = match next.take() {
@@ -342,13 +364,11 @@ impl Worker {
                 ToWorker::OpenLane => continue,
                 _ => None,
             };
-            self.handle_incoming(message, route.map(|t| (t, &tx)));
+            self.handle_incoming(message, route.map(|t| (t, &sink)));
         }
-        drop(tx);
-        if lane {
-            // The coordinator closed the lane: nothing more will be routed to it.
-            writer.abort();
-        }
+        // A task stream's writer finishes after its task's Done; a lane's writer ends with the
+        // last clone of its sink.
+        drop(writer);
     }
 
     async fn serve_connection(self: &Arc<Self>, connection: quinn::Connection) -> Result<(), String> {
@@ -359,7 +379,7 @@ impl Worker {
             let mut core = self.core();
             let hello = core.session.hello();
             let _ = tx.send(hello);
-            core.control = Some(tx.clone());
+            core.control = Some(Sink::Channel(tx.clone()));
         }
         let mut control_reader = {
             let worker = Arc::clone(self);

@@ -71,7 +71,7 @@ pub(crate) struct NodeShared {
     max_frame: usize,
     wake_timer: Notify,
     /// Long-lived streams that carry small unary tasks (see [`LANES`]); empty until opened.
-    lanes: Mutex<Vec<mpsc::UnboundedSender<ToWorker>>>,
+    lanes: Mutex<Vec<skyward_net::LaneWriter>>,
     next_lane: std::sync::atomic::AtomicUsize,
     /// Set once the worker has connected (stops the boot watcher).
     connected: std::sync::atomic::AtomicBool,
@@ -90,9 +90,10 @@ async fn open_lanes(shared: Arc<NodeShared>, connection: quinn::Connection) {
     let mut senders = Vec::with_capacity(LANES);
     for _ in 0..LANES {
         let Ok((send, recv)) = connection.open_bi().await else { return };
-        let (tx, rx) = mpsc::unbounded_channel();
-        let _ = tx.send(ToWorker::OpenLane);
-        tokio::spawn(control_writer(send, rx));
+        let tx = skyward_net::LaneWriter::new(send);
+        if tx.send(&ToWorker::OpenLane).is_err() {
+            return;
+        }
         let reader_shared = Arc::clone(&shared);
         tokio::spawn(async move {
             let mut recv = FramedRecv::new(recv, reader_shared.max_frame);
@@ -207,16 +208,16 @@ impl NodeHandle {
             shared.sinks.lock().expect("sinks lock").insert(task, sinks);
         }
         let small = matches!(&spec.kind, TaskKind::Function { args, streaming: false, .. } if args.len() <= LANE_MAX_ARGS);
-        let mut submit = shared.session.lock().expect("session lock").submit(task, spec);
+        let submit = shared.session.lock().expect("session lock").submit(task, spec);
         if small {
-            let lanes = shared.lanes.lock().expect("lanes lock");
-            if !lanes.is_empty() {
-                let i = shared.next_lane.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % lanes.len();
-                match lanes[i].send(submit) {
-                    Ok(()) => return,
-                    // The lane closed with its connection: fall back to a stream of its own.
-                    Err(returned) => submit = returned.0,
-                }
+            let lane = {
+                let lanes = shared.lanes.lock().expect("lanes lock");
+                (!lanes.is_empty())
+                    .then(|| lanes[shared.next_lane.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % lanes.len()].clone())
+            };
+            // A lane that closed with its connection falls back to a stream of the task's own.
+            if lane.is_some_and(|lane| lane.send(&submit).is_ok()) {
+                return;
             }
         }
         let Some(connection) = shared.connection.lock().expect("connection lock").clone() else {

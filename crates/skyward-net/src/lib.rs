@@ -12,7 +12,7 @@ pub mod framed;
 pub mod tls;
 pub mod unix;
 
-pub use framed::{FramedRecv, RecvError, WriteError, write_frames};
+pub use framed::{FramedRecv, LaneClosed, LaneWriter, RecvError, WriteError, write_frames};
 pub use tls::{CertBundle, PoolCa, TlsError};
 
 use std::net::SocketAddr;
