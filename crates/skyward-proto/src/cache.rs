@@ -10,8 +10,11 @@ use std::collections::{HashMap, VecDeque};
 /// Bounded map from task to outcome, evicting oldest first.
 #[derive(Debug)]
 pub struct ResultCache {
-    entries: HashMap<TaskId, Outcome>,
-    order: VecDeque<TaskId>,
+    entries: HashMap<TaskId, (Outcome, u64)>,
+    /// Insertion order with each insertion's generation; an id whose entry was removed and
+    /// inserted again has a stale older record here, which eviction skips.
+    order: VecDeque<(TaskId, u64)>,
+    generation: u64,
     bytes: usize,
     max_entries: usize,
     max_bytes: usize,
@@ -28,21 +31,24 @@ fn outcome_size(outcome: &Outcome) -> usize {
 impl ResultCache {
     /// A cache holding at most `max_entries` outcomes and `max_bytes` bytes of them.
     pub fn new(max_entries: usize, max_bytes: usize) -> Self {
-        Self { entries: HashMap::new(), order: VecDeque::new(), bytes: 0, max_entries, max_bytes }
+        Self { entries: HashMap::new(), order: VecDeque::new(), generation: 0, bytes: 0, max_entries, max_bytes }
     }
 
     /// Keep `outcome` for `task`.
     pub fn insert(&mut self, task: TaskId, outcome: Outcome) {
         let size = outcome_size(&outcome);
-        if let Some(old) = self.entries.insert(task, outcome) {
+        self.generation += 1;
+        let generation = self.generation;
+        if let Some((old, _)) = self.entries.insert(task, (outcome, generation)) {
             self.bytes -= outcome_size(&old);
-        } else {
-            self.order.push_back(task);
         }
+        self.order.push_back((task, generation));
         self.bytes += size;
         while (self.entries.len() > self.max_entries || self.bytes > self.max_bytes) && self.entries.len() > 1 {
-            let Some(oldest) = self.order.pop_front() else { break };
-            if let Some(old) = self.entries.remove(&oldest) {
+            let Some((oldest, oldest_generation)) = self.order.pop_front() else { break };
+            if self.entries.get(&oldest).is_some_and(|(_, g)| *g == oldest_generation)
+                && let Some((old, _)) = self.entries.remove(&oldest)
+            {
                 self.bytes -= outcome_size(&old);
             }
         }
@@ -50,17 +56,17 @@ impl ResultCache {
 
     /// The cached outcome of `task`.
     pub fn get(&self, task: TaskId) -> Option<&Outcome> {
-        self.entries.get(&task)
+        self.entries.get(&task).map(|(outcome, _)| outcome)
     }
 
     /// Drop the outcome of `task` (the coordinator has it).
     pub fn remove(&mut self, task: TaskId) {
-        if let Some(old) = self.entries.remove(&task) {
+        if let Some((old, _)) = self.entries.remove(&task) {
             self.bytes -= outcome_size(&old);
-            // `order` is cleaned lazily: stale ids are skipped when evicting.
+            // `order` is cleaned lazily: stale records are skipped when evicting.
             if self.order.len() > 2 * self.entries.len() + 64 {
                 let entries = &self.entries;
-                self.order.retain(|t| entries.contains_key(t));
+                self.order.retain(|(t, g)| entries.get(t).is_some_and(|(_, eg)| eg == g));
             }
         }
     }
@@ -104,6 +110,19 @@ mod tests {
         assert!(c.get(TaskId(2)).is_some());
         c.insert(TaskId(3), Outcome::Value(vec![0; 500]));
         assert_eq!(c.len(), 1, "a single oversized outcome is still kept");
+    }
+
+    #[test]
+    fn a_removed_and_reinserted_entry_is_not_evicted_by_its_stale_record() {
+        let mut c = ResultCache::new(2, 1 << 20);
+        c.insert(TaskId(1), Outcome::Value(vec![1]));
+        c.remove(TaskId(1));
+        c.insert(TaskId(2), Outcome::Value(vec![2]));
+        c.insert(TaskId(1), Outcome::Value(vec![1]));
+        c.insert(TaskId(3), Outcome::Value(vec![3]));
+        // Oldest live entry is 2; task 1's first record is stale and must not evict the new 1.
+        assert!(c.get(TaskId(2)).is_none(), "2 was the oldest live entry");
+        assert!(c.get(TaskId(1)).is_some() && c.get(TaskId(3)).is_some());
     }
 
     #[test]

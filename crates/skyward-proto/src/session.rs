@@ -547,6 +547,14 @@ impl CoordinatorSession {
                 self.transmit.push_back(ToWorker::Credit { task, items, received: items_received });
             }
         }
+        // Tasks the worker still holds that are no longer in flight here (answered, cancelled,
+        // or re-queued elsewhere while it was away): it may drop their results and stop them.
+        for task in &hello.held_tasks {
+            if !self.in_flight.contains_key(task) {
+                self.transmit.push_back(ToWorker::Ack { task: *task });
+                self.transmit.push_back(ToWorker::Cancel { task: *task });
+            }
+        }
         self.events.push_back(NodeEvent::Joined { facts: hello.worker, reconnect });
         Ok(())
     }
@@ -672,5 +680,40 @@ impl CoordinatorSession {
             }
             self.next_heartbeat = now + self.config.heartbeat_interval;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_tasks_no_longer_in_flight_are_acked_and_cancelled_on_hello() {
+        let config = CoordinatorSessionConfig {
+            pool_id: "p".into(),
+            node_id: "n".into(),
+            rank: 0,
+            heartbeat_interval: Duration::from_millis(500),
+            lost_after: Duration::from_secs(3),
+        };
+        let mut session = CoordinatorSession::new(config, Duration::ZERO);
+        let spec = TaskSpec {
+            kind: TaskKind::Command(CommandSpec { argv: vec!["true".into()], env: Default::default(), cwd: None, timeout: None }),
+            info: InstanceInfo::default(),
+            initial_credit: 0,
+        };
+        let _ = session.submit(TaskId(1), spec);
+        let hello = Hello {
+            version: crate::PROTOCOL_VERSION,
+            pool_id: "p".into(),
+            node_id: "n".into(),
+            worker: WorkerFacts::default(),
+            held_tasks: vec![TaskId(1), TaskId(9)],
+        };
+        session.handle_hello(hello, Duration::ZERO).unwrap();
+        let sent: Vec<ToWorker> = std::iter::from_fn(|| session.poll_transmit()).collect();
+        assert!(sent.contains(&ToWorker::Resume { task: TaskId(1), items_received: 0 }), "{sent:?}");
+        assert!(sent.contains(&ToWorker::Ack { task: TaskId(9) }) && sent.contains(&ToWorker::Cancel { task: TaskId(9) }), "{sent:?}");
+        assert!(!sent.contains(&ToWorker::Cancel { task: TaskId(1) }), "a task in flight is resumed, not cancelled");
     }
 }
