@@ -57,8 +57,13 @@ pub(crate) fn run_child_mode() -> bool {
                 std::future::pending::<()>().await;
             }
             "error" => {
-                let result: anyhow::Result<()> = Err(anyhow::anyhow!("simulated failure in user code"));
-                drop(pool);
+                // User code that bails out with `?` while it owns the pool.
+                async fn user_code(pool: Pool) -> anyhow::Result<()> {
+                    let _pool = pool;
+                    Err(anyhow::anyhow!("simulated failure in user code"))?;
+                    Ok(())
+                }
+                let result = user_code(pool).await;
                 std::process::exit(if result.is_err() { 7 } else { 0 });
             }
             "panic" => {

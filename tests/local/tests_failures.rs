@@ -138,6 +138,12 @@ async fn foreign_binary() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("trainer-aarch64");
     std::fs::write(&path, aarch64_elf())?;
+    let hash = std::process::Command::new("sha256sum").arg(&path).output()?;
+    let hash = String::from_utf8_lossy(&hash.stdout).split_whitespace().next().unwrap_or_default().to_string();
+    anyhow::ensure!(hash.len() == 64, "sha256sum output");
+    let cached = skyward::providers::local::skyward_home().join("cache").join("bin").join(&hash);
+    // A copy left by an older build of this test would hide the check below.
+    let _ = std::fs::remove_file(&cached);
     let started = Instant::now();
     let err = skyward::Compute::new(skyward::Local::default())
         .binary(&path)
@@ -147,7 +153,10 @@ async fn foreign_binary() -> anyhow::Result<()> {
         .expect_err("refused");
     let text = err.to_string();
     anyhow::ensure!(text.contains("aarch64") && text.contains("x86_64"), "error was: {text}");
+    anyhow::ensure!(text.contains("sky-"), "the error names the pool: {text}");
     anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "refused promptly");
+    // Refused before it was placed anywhere: not in the nodes' shared binary cache.
+    anyhow::ensure!(!cached.exists(), "the refused binary was staged at {}", cached.display());
     let _ = std::fs::remove_dir_all(&dir);
     // The failed start left nothing behind.
     let left = skyward::providers::local::scan_process_table(None).into_iter().filter(|(_, pool)| text.contains(pool.as_str())).count();
@@ -179,7 +188,7 @@ async fn lost_node() -> anyhow::Result<()> {
         results.push(h.await?);
     }
     results.sort_unstable();
-    anyhow::ensure!(results == vec![0, 1, 2, 3, 4, 5], "every task finished exactly once: {results:?}");
+    anyhow::ensure!(results == vec![0, 1, 2, 3, 4, 5], "every task got its own result: {results:?}");
     let stats = pool.stats().await?;
     anyhow::ensure!(stats.requeued >= 1, "the lost node's tasks were re-queued: {stats:?}");
     anyhow::ensure!(stats.finished == 6, "six results delivered: {stats:?}");

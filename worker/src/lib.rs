@@ -1,8 +1,9 @@
 //! The Skyward worker: joins a pool over QUIC, runs command tasks and user functions.
 //!
 //! One process per machine. It dials the coordinator (mutual TLS with the pool's CA), sends its
-//! hello on a control stream it opens, and then serves task streams the coordinator opens: one
-//! bidirectional stream per task. Executables arrive on unidirectional streams, content-addressed.
+//! hello on a control stream it opens, and then serves the streams the coordinator opens: lanes
+//! that carry many small tasks, and streams of a single task. Executables arrive on
+//! unidirectional streams, content-addressed.
 //! All protocol decisions are made by [`skyward_proto::session::WorkerSession`]; this crate routes
 //! its output to streams, runs tasks, and keeps the connection alive.
 //!
@@ -179,8 +180,6 @@ impl Worker {
             tracing::warn!(error = %e, "protocol error from coordinator");
         }
         self.pump(&mut core);
-        drop(core);
-        self.wake_timer.notify_one();
     }
 
     async fn run_task(self: Arc<Self>, task: TaskId, spec: TaskSpec, credit: Arc<Notify>) {

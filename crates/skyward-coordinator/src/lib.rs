@@ -209,7 +209,6 @@ impl Compute {
         started_at: Instant,
     ) -> Result<Pool, StartError> {
         let binary = Arc::new(inspect.await.map_err(|e| StartError::Binary(e.to_string()))?.map_err(StartError::Binary)?);
-        self.provider.stage_binary(&ctx, &binary.path, &binary.hash.to_hex()).await?;
 
         let ca = skyward_net::PoolCa::generate(&pool_id).map_err(|e| StartError::Transport(e.to_string()))?;
         let server_cert = ca.issue_server().map_err(|e| StartError::Transport(e.to_string()))?;

@@ -1,9 +1,10 @@
 //! `Node`: one actor per instance, its state machine, its connection and heartbeats.
 //!
-//! States: requested → booting → connecting → bootstrapping (binary check and upload) → ready →
+//! States: requested → booting → bootstrapping (binary check and upload) → ready →
 //! lost | terminated. The hot path does not pass through this actor: the task manager dispatches
-//! through a [`NodeHandle`], which opens one QUIC stream per task, and every frame from the worker
-//! is fed to the shared [`CoordinatorSession`] under a short lock.
+//! through a [`NodeHandle`], which writes small calls on the connection's lanes and opens a stream
+//! for the others, and every frame from the worker is fed to the shared [`CoordinatorSession`]
+//! under a short lock.
 //!
 //! Supervision: a Node supervises nothing. When its worker goes silent past `lost_after`, it tells
 //! the task manager (which re-queues the node's tasks) and the pool (which replaces the node), then
@@ -20,7 +21,7 @@ use skyward_proto::session::{CoordinatorSession, NodeEvent};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 /// A line of command output with the node it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +70,6 @@ pub(crate) struct NodeShared {
     tm: ActorRef<TmMsg>,
     node_actor: Mutex<Option<ActorRef<NodeMsg>>>,
     max_frame: usize,
-    wake_timer: Notify,
     /// Long-lived streams that carry small unary tasks (see [`LANES`]); empty until opened.
     lanes: Mutex<Vec<skyward_net::LaneWriter>>,
     next_lane: std::sync::atomic::AtomicUsize,
@@ -95,10 +95,22 @@ async fn open_lanes(shared: Arc<NodeShared>, connection: quinn::Connection) {
             return;
         }
         let reader_shared = Arc::clone(&shared);
+        let lane_connection = connection.clone();
         tokio::spawn(async move {
             let mut recv = FramedRecv::new(recv, reader_shared.max_frame);
-            while let Ok(Some(message)) = recv.next::<ToCoordinator>("ToCoordinator").await {
-                reader_shared.process(message);
+            loop {
+                match recv.next::<ToCoordinator>("ToCoordinator").await {
+                    Ok(Some(message)) => reader_shared.process(message),
+                    Ok(None) => break,
+                    Err(skyward_net::RecvError::Protocol(e)) => {
+                        // A lane out of sync loses the replies of every task on it. Drop the whole
+                        // connection: the worker redials and every task in flight is resumed.
+                        tracing::warn!(node = %reader_shared.node_id, error = %e, "bad frame on a lane; dropping the connection");
+                        lane_connection.close(4u32.into(), b"bad frame on a lane");
+                        break;
+                    }
+                    Err(_) => break,
+                }
             }
         });
         senders.push(tx);
@@ -201,7 +213,8 @@ impl std::fmt::Debug for NodeHandle {
 }
 
 impl NodeHandle {
-    /// Run `task` on this node: one new bidirectional stream carries the submit and the replies.
+    /// Run `task` on this node: on a lane when it is a small unary call, else on a new
+    /// bidirectional stream that carries its submit and its replies.
     pub(crate) fn dispatch(&self, task: TaskId, spec: TaskSpec, sinks: TaskSinks) {
         let shared = Arc::clone(&self.shared);
         if sinks.items.is_some() || sinks.output.is_some() {
@@ -385,7 +398,6 @@ pub(crate) fn new_shared(
         tm,
         node_actor: Mutex::new(None),
         max_frame,
-        wake_timer: Notify::new(),
         lanes: Mutex::new(Vec::new()),
         next_lane: std::sync::atomic::AtomicUsize::new(0),
         connected: std::sync::atomic::AtomicBool::new(false),
@@ -555,10 +567,7 @@ impl Actor for Node {
                             let Some(deadline) = deadline else { return };
                             let now = timer_shared.now();
                             if deadline > now {
-                                tokio::select! {
-                                    _ = tokio::time::sleep(deadline - now) => {}
-                                    _ = timer_shared.wake_timer.notified() => continue,
-                                }
+                                tokio::time::sleep(deadline - now).await;
                             }
                             let now = timer_shared.now();
                             let (transmit, events) = {
@@ -585,7 +594,14 @@ impl Actor for Node {
                 let me = myself.clone();
                 let binary = Arc::clone(&state.binary);
                 let timeout = state.upload_timeout;
+                let provider = Arc::clone(&state.provider);
+                let ctx = state.ctx.clone();
                 state.tasks.push(tokio::spawn(async move {
+                    // Only now, after the compatibility check: let the provider place the binary by
+                    // its own means (Local: the shared disk); otherwise it is uploaded below.
+                    if let Err(e) = provider.stage_binary(&ctx, &binary.path, &binary.hash.to_hex()).await {
+                        tracing::warn!(error = %e, "staging the executable failed; uploading it instead");
+                    }
                     let result = match tokio::time::timeout(timeout, ensure_binary(shared, connection, binary)).await {
                         Ok(r) => r,
                         Err(_) => Err(format!("executable upload did not finish within {timeout:?}")),

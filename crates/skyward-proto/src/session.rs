@@ -222,7 +222,7 @@ impl WorkerSession {
             ToWorker::Credit { task, items, received } => {
                 if let Some(running) = self.running.get_mut(&task) {
                     let was_blocked = running.next_seq >= running.window_end;
-                    running.window_end += u64::from(items);
+                    running.window_end = running.window_end.saturating_add(u64::from(items));
                     while running.unacked.front().is_some_and(|(seq, _)| *seq < received) {
                         running.unacked.pop_front();
                     }
@@ -508,7 +508,7 @@ impl CoordinatorSession {
     }
 
     /// Validate the worker's handshake. On success `Welcome` is queued, followed by a `Resume` for
-    /// every task in flight (the glue sends each on that task's new stream).
+    /// every task in flight (the glue sends them on the control stream).
     pub fn handle_hello(&mut self, hello: Hello, now: Time) -> Result<(), ProtocolError> {
         let refuse = |s: &mut Self, e: ProtocolError| {
             s.transmit.push_back(ToWorker::Refused { reason: e.to_string() });

@@ -322,11 +322,15 @@ impl Provider for Local {
             }
             // Same bytes under their hash: a hard link when possible, else a copy; then an atomic
             // rename so a worker never sees a partial file.
-            let tmp = dir.join(format!(".{hash_hex}.{}.partial", std::process::id()));
+            static STAGING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = STAGING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let tmp = dir.join(format!(".{hash_hex}.{}.{n}.partial", std::process::id()));
             let _ = std::fs::remove_file(&tmp);
             if std::fs::hard_link(path, &tmp).is_err() {
                 std::fs::copy(path, &tmp).map_err(|e| failed("stage_binary", format!("cannot copy {}: {e}", path.display())))?;
             }
+            // Nodes stage concurrently: the first rename wins, the others replace it with the
+            // same bytes.
             std::fs::rename(&tmp, &target).map_err(|e| failed("stage_binary", e.to_string()))?;
             Ok(true)
         })
