@@ -3,7 +3,7 @@
 //! Supervision: an executor that exits (abort, segfault, kill) fails the calls it had in flight
 //! with `ExecutorDied` and the exit reason; the next call starts a fresh one.
 
-use skyward_net::unix::UnixFrameWriter;
+use skyward_net::UnixFrameWriter;
 use skyward_proto::codec::{self, FrameDecoder};
 use skyward_proto::error::{RemoteError, RemoteErrorKind};
 use skyward_proto::exec::{ENV_EXECUTOR_SOCKET, ENV_ROLE, FromExecutor, ROLE_EXECUTOR, ToExecutor};

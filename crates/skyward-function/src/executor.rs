@@ -81,7 +81,7 @@ pub async fn serve(path: &str) -> Result<(), ExecutorError> {
     install_panic_hook();
     let stream = UnixStream::connect(path).await.map_err(|source| ExecutorError::Connect { path: path.into(), source })?;
     let (mut reader, writer) = stream.into_split();
-    let tx = skyward_net::unix::UnixFrameWriter::new(writer);
+    let tx = skyward_net::UnixFrameWriter::new(writer);
     let functions = u32::try_from(crate::FUNCTIONS.len()).unwrap_or(u32::MAX);
     let _ = tx.send(&FromExecutor::Ready { pid: std::process::id(), functions });
 
@@ -105,7 +105,7 @@ pub async fn serve(path: &str) -> Result<(), ExecutorError> {
     Ok(())
 }
 
-fn handle(message: ToExecutor, tx: &skyward_net::unix::UnixFrameWriter, calls: &Calls) {
+fn handle(message: ToExecutor, tx: &skyward_net::UnixFrameWriter, calls: &Calls) {
     match message {
         ToExecutor::Call { id, name, args, info, streaming, credit } => {
             let tx = tx.clone();

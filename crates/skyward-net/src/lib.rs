@@ -8,11 +8,12 @@
 //! Architecture invariant: this crate moves frames; it knows the protocol's framing but none of its
 //! state machines, and nothing of actors or providers.
 
+pub mod direct;
 pub mod framed;
 pub mod tls;
-pub mod unix;
 
-pub use framed::{FramedRecv, LaneClosed, LaneWriter, RecvError, WriteError, write_frames};
+pub use direct::{DirectWriter, LaneWriter, UnixFrameWriter, WriterClosed};
+pub use framed::{FramedRecv, RecvError, WriteError, write_frames};
 pub use tls::{CertBundle, PoolCa, TlsError};
 
 use std::net::SocketAddr;
