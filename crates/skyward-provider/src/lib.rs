@@ -6,9 +6,11 @@
 //! Architecture invariant: providers never depend on the coordinator; the coordinator drives them
 //! through this trait only. "Terminated" means the provider confirmed it.
 
+pub mod image;
 pub mod local;
 pub mod secret;
 
+pub use image::{Image, ImageError};
 pub use local::Local;
 pub use secret::Secret;
 

@@ -30,7 +30,7 @@ pub use skyward_function::{Call, InstanceInfo, StreamCall, instance_info, shard,
 pub use skyward_macros::{function, main};
 pub use skyward_proto::error::{RemoteError, RemoteErrorKind, TaskError};
 pub use skyward_proto::message::{CommandExit, TaskId, WorkerFacts};
-pub use skyward_provider::{Local, Provider, Secret};
+pub use skyward_provider::{Image, ImageError, Local, Provider, Secret};
 
 /// Providers and the provider trait.
 pub mod providers {
