@@ -32,17 +32,7 @@ async fn shutdown_and_drop() -> anyhow::Result<()> {
 /// Start this test binary in a child mode, read the pool id it prints, optionally send SIGINT,
 /// and check that the child exits and leaves no worker behind.
 fn child(mode: &str, interrupt: bool) -> Result<(), libtest_mimic::Failed> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut child = Command::new(exe)
-        .env(CHILD_MODE, mode)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start child: {e}"))?;
-    let stdout = child.stdout.take().expect("piped");
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).map_err(|e| e.to_string())?;
-    let pool_id = line.trim().strip_prefix("POOL ").ok_or_else(|| format!("child printed {line:?}"))?.to_string();
+    let (mut child, pool_id) = spawn_child(mode)?;
     if interrupt {
         // SAFETY: signalling our own child process.
         unsafe {
@@ -69,17 +59,7 @@ fn child(mode: &str, interrupt: bool) -> Result<(), libtest_mimic::Failed> {
 /// SIGKILL the coordinator: no handler runs, so the workers must notice the silence and end
 /// themselves within instance_timeout (3 s in child mode).
 fn killed_coordinator() -> Result<(), libtest_mimic::Failed> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut child = Command::new(exe)
-        .env(CHILD_MODE, "wait")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start child: {e}"))?;
-    let stdout = child.stdout.take().expect("piped");
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).map_err(|e| e.to_string())?;
-    let pool_id = line.trim().strip_prefix("POOL ").ok_or_else(|| format!("child printed {line:?}"))?.to_string();
+    let (mut child, pool_id) = spawn_child("wait")?;
     if leftover(&pool_id).len() != 2 {
         return Err("two workers expected before the kill".into());
     }
@@ -94,4 +74,20 @@ fn killed_coordinator() -> Result<(), libtest_mimic::Failed> {
     }
     println!("workers ended {:?} after the coordinator was killed", killed.elapsed());
     Ok(())
+}
+
+/// Start this test binary in child `mode` and read the pool id it prints once its pool is up.
+fn spawn_child(mode: &str) -> Result<(std::process::Child, String), libtest_mimic::Failed> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .env(CHILD_MODE, mode)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start child: {e}"))?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).map_err(|e| e.to_string())?;
+    let pool_id = line.trim().strip_prefix("POOL ").ok_or_else(|| format!("child printed {line:?}"))?.to_string();
+    Ok((child, pool_id))
 }
