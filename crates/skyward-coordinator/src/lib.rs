@@ -17,7 +17,7 @@ mod provisioner;
 mod task_manager;
 
 pub use handle::{Command, CommandOutput, Dispatch, Error, JoinCalls, Pool, TaskHandle, TaskStream};
-pub use node::{NodeState, OutputLine};
+pub use node::OutputLine;
 pub use task_manager::{Placement, TaskStats};
 
 use pool::{PoolActor, PoolArgs, PoolShared};

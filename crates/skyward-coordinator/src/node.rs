@@ -43,7 +43,7 @@ pub(crate) struct TaskSinks {
 
 /// Node state as the coordinator tracks it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NodeState {
+pub(crate) enum NodeState {
     /// Asked the provider for it.
     Requested,
     /// The provider reports it; the worker has not connected yet.

@@ -174,16 +174,6 @@ impl WorkerSession {
         self.rank
     }
 
-    /// Number of tasks running.
-    pub fn running(&self) -> usize {
-        self.running.len()
-    }
-
-    /// Number of cached outcomes.
-    pub fn cached(&self) -> usize {
-        self.cache.len()
-    }
-
     /// Feed one message from the coordinator.
     pub fn handle(&mut self, message: ToWorker, now: Time) -> Result<(), ProtocolError> {
         if self.refused {
@@ -451,8 +441,6 @@ pub struct CoordinatorSession {
     in_flight: HashMap<TaskId, InFlight>,
     transmit: VecDeque<ToWorker>,
     events: VecDeque<NodeEvent>,
-    rtt: Option<Duration>,
-    heartbeat_sent_at: HashMap<u64, Time>,
 }
 
 impl CoordinatorSession {
@@ -469,8 +457,6 @@ impl CoordinatorSession {
             in_flight: HashMap::new(),
             transmit: VecDeque::new(),
             events: VecDeque::new(),
-            rtt: None,
-            heartbeat_sent_at: HashMap::new(),
         }
     }
 
@@ -482,21 +468,6 @@ impl CoordinatorSession {
     /// Whether the node was declared lost.
     pub fn is_lost(&self) -> bool {
         self.state == CoordState::Lost
-    }
-
-    /// Latest heartbeat round trip.
-    pub fn rtt(&self) -> Option<Duration> {
-        self.rtt
-    }
-
-    /// Tasks submitted and not yet completed.
-    pub fn in_flight(&self) -> impl Iterator<Item = TaskId> + '_ {
-        self.in_flight.keys().copied()
-    }
-
-    /// Number of tasks in flight.
-    pub fn in_flight_len(&self) -> usize {
-        self.in_flight.len()
     }
 
     /// A new connection from the worker (first or after a reconnect): expect a hello again.
@@ -601,11 +572,8 @@ impl CoordinatorSession {
         self.last_heard = self.last_heard.max(now);
         match message {
             ToCoordinator::Hello(hello) => return self.handle_hello(hello, now),
-            ToCoordinator::HeartbeatAck { seq } => {
-                if let Some(sent) = self.heartbeat_sent_at.remove(&seq) {
-                    self.rtt = Some(now.saturating_sub(sent));
-                }
-            }
+            // Any message refreshes `last_heard`; the ack carries nothing else we use.
+            ToCoordinator::HeartbeatAck { .. } => {}
             ToCoordinator::Output { task, stream, line } => {
                 if self.in_flight.contains_key(&task) {
                     self.events.push_back(NodeEvent::Output { task, stream, line });
@@ -671,11 +639,6 @@ impl CoordinatorSession {
         if now >= self.next_heartbeat {
             if self.state == CoordState::Ready {
                 self.heartbeat_seq += 1;
-                self.heartbeat_sent_at.insert(self.heartbeat_seq, now);
-                if self.heartbeat_sent_at.len() > 64 {
-                    let oldest = self.heartbeat_seq - 64;
-                    self.heartbeat_sent_at.retain(|s, _| *s > oldest);
-                }
                 self.transmit.push_back(ToWorker::Heartbeat { seq: self.heartbeat_seq });
             }
             self.next_heartbeat = now + self.config.heartbeat_interval;

@@ -137,8 +137,8 @@ pub fn scan_process_table(pool_id: Option<&str>) -> Vec<(u32, String)> {
     found
 }
 
-fn kill_and_reap(pid: u32, signal: i32) {
-    // SAFETY: kill and waitpid take plain integers; a pid that is gone yields ESRCH/ECHILD.
+fn send_signal(pid: u32, signal: i32) {
+    // SAFETY: kill takes plain integers; a pid that is gone yields ESRCH.
     unsafe {
         libc::kill(pid as i32, signal);
     }
@@ -244,13 +244,13 @@ impl Provider for Local {
     fn terminate<'a>(&'a self, _pool: &'a PoolContext, id: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
         Box::pin(async move {
             let Some(pid) = self.children.lock().expect("local children").get(id).map(|c| c.pid) else { return Ok(()) };
-            kill_and_reap(pid, libc::SIGTERM);
+            send_signal(pid, libc::SIGTERM);
             // Bounded: 2 s for a clean exit, then SIGKILL and up to 2 s more for the kernel.
             let mut waited = Duration::ZERO;
             let step = Duration::from_millis(10);
             while !reap(pid) && alive(pid) {
                 if waited == Duration::from_secs(2) {
-                    kill_and_reap(pid, libc::SIGKILL);
+                    send_signal(pid, libc::SIGKILL);
                 }
                 if waited >= Duration::from_secs(4) {
                     return Err(ProviderError::Leaked {
@@ -347,7 +347,7 @@ impl Provider for Local {
     fn emergency_teardown(&self, pool: &PoolContext) {
         let pids = self.pids(&pool.pool_id);
         for (_, pid) in &pids {
-            kill_and_reap(*pid, libc::SIGKILL);
+            send_signal(*pid, libc::SIGKILL);
         }
         for (id, pid) in pids {
             // SIGKILL cannot be caught; a blocking wait returns as soon as the kernel has ended it.

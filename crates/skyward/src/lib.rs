@@ -21,8 +21,8 @@
 //! a `main` that calls [`init`] before running its tests (see `tests/local/main.rs`).
 
 pub use skyward_coordinator::{
-    Command, CommandOutput, Compute, Dispatch, Error, JoinCalls, NodeState, Options, OutputLine, Placement, Pool, StartError, TaskHandle,
-    TaskStats, TaskStream, Worker,
+    Command, CommandOutput, Compute, Dispatch, Error, JoinCalls, Options, OutputLine, Placement, Pool, StartError, TaskHandle, TaskStats,
+    TaskStream, Worker,
 };
 pub use skyward_function::context::try_instance_info;
 pub use skyward_function::shard::{ShardMode, ShardOptions, Shardable, shard_indices};
