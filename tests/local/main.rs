@@ -1,10 +1,12 @@
-//! Integration tests on the Local provider: real worker processes, the real QUIC path.
+//! Integration tests on the Local provider (real worker processes, the real QUIC path) and on
+//! the Container provider (real docker containers with sshd, bootstrapped over SSH).
 //!
 //! `harness = false`: the test binary is also the program the workers run as executor, so `main`
 //! calls `skyward::init()` before anything else, then hands over to libtest-mimic.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod support;
+mod tests_container;
 mod tests_dispatch;
 mod tests_failures;
 mod tests_teardown;
@@ -19,6 +21,7 @@ fn main() {
     }
     let args = Arguments::from_args();
     let mut trials: Vec<Trial> = Vec::new();
+    trials.extend(tests_container::trials());
     trials.extend(tests_dispatch::trials());
     trials.extend(tests_failures::trials());
     trials.extend(tests_teardown::trials());

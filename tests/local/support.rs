@@ -37,6 +37,14 @@ pub(crate) fn assert_no_workers(pool_id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The Container provider as the tests use it: an internal network (nothing outside reachable).
+pub(crate) fn container_provider() -> skyward::Container {
+    skyward::Container::default().isolated(true)
+}
+
+/// Instance timeout of the container pool whose coordinator the teardown test kills.
+pub(crate) const CONTAINER_SILENCE: Duration = Duration::from_secs(10);
+
 /// Environment variable that turns this test binary into a helper program for teardown tests.
 pub(crate) const CHILD_MODE: &str = "SKYWARD_TEST_CHILD";
 
@@ -46,13 +54,18 @@ pub(crate) fn run_child_mode() -> bool {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
         // A short instance timeout: the SIGKILL test waits for the workers to notice the silence.
-        let options = Options { instance_timeout: Duration::from_secs(3), ..test_options() };
-        let pool = Compute::new(Local::default()).nodes(2).options(options).start().await.expect("child pool starts");
+        let pool = if mode == "container-wait" {
+            let options = Options { instance_timeout: CONTAINER_SILENCE, ..test_options() };
+            Compute::new(container_provider()).nodes(2).options(options).start().await.expect("child container pool starts")
+        } else {
+            let options = Options { instance_timeout: Duration::from_secs(3), ..test_options() };
+            Compute::new(Local::default()).nodes(2).options(options).start().await.expect("child pool starts")
+        };
         println!("POOL {}", pool.pool_id());
         use std::io::Write;
         std::io::stdout().flush().ok();
         match mode.as_str() {
-            "wait" => {
+            "wait" | "container-wait" => {
                 // Park until the parent interrupts us; the Ctrl-C handler tears down and exits.
                 std::future::pending::<()>().await;
             }

@@ -77,7 +77,7 @@ fn killed_coordinator() -> Result<(), libtest_mimic::Failed> {
 }
 
 /// Start this test binary in child `mode` and read the pool id it prints once its pool is up.
-fn spawn_child(mode: &str) -> Result<(std::process::Child, String), libtest_mimic::Failed> {
+pub(crate) fn spawn_child(mode: &str) -> Result<(std::process::Child, String), libtest_mimic::Failed> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
         .env(CHILD_MODE, mode)

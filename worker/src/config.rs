@@ -6,16 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// What the worker does when the coordinator has been silent longer than `instance_timeout`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum SilenceAction {
-    /// Exit the worker process (local workers, containers whose main process is the worker).
-    #[default]
-    Exit,
-    /// Power the machine off (`poweroff`), then exit.
-    Poweroff,
-}
+pub use skyward_proto::SilenceAction;
 
 /// Everything a worker needs to join its pool.
 #[derive(Clone, Serialize, Deserialize)]

@@ -586,8 +586,21 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<ExitReason> {
             connector.abort();
             worker.executors.shutdown().await;
             endpoint.close(0u32.into(), b"worker exiting");
-            if matches!(reason, ExitReason::CoordinatorSilent(_)) && worker.config.on_silence == SilenceAction::Poweroff {
-                let _ = std::process::Command::new("poweroff").status();
+            if matches!(reason, ExitReason::CoordinatorSilent(_)) {
+                match worker.config.on_silence {
+                    SilenceAction::Exit => {}
+                    SilenceAction::Poweroff => {
+                        tracing::warn!("coordinator silent: powering the machine off");
+                        let _ = std::process::Command::new("poweroff").status();
+                    }
+                    SilenceAction::StopInit => {
+                        tracing::warn!("coordinator silent: stopping init (the container ends)");
+                        // SAFETY: plain integers; signalling PID 1 of our own PID namespace.
+                        unsafe {
+                            libc::kill(1, libc::SIGTERM);
+                        }
+                    }
+                }
             }
             return Ok(reason);
         }

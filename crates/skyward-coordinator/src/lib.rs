@@ -22,7 +22,7 @@ pub use task_manager::{Placement, TaskStats};
 
 use pool::{PoolActor, PoolArgs, PoolShared};
 use ractor::Actor;
-use skyward_provider::{PoolContext, Provider};
+use skyward_provider::{Image, PoolContext, Provider};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -135,12 +135,13 @@ pub struct Compute {
     worker: Worker,
     options: Options,
     binary: Option<PathBuf>,
+    image: Option<Image>,
 }
 
 impl Compute {
     /// Compute from `provider`, one node by default.
     pub fn new(provider: impl Provider) -> Self {
-        Self { provider: Arc::new(provider), nodes: 1, worker: Worker::default(), options: Options::default(), binary: None }
+        Self { provider: Arc::new(provider), nodes: 1, worker: Worker::default(), options: Options::default(), binary: None, image: None }
     }
 
     /// Number of nodes.
@@ -158,6 +159,13 @@ impl Compute {
     /// Options.
     pub fn options(mut self, options: Options) -> Self {
         self.options = options;
+        self
+    }
+
+    /// What every node needs before tasks run (apt and pip packages, environment, setup
+    /// commands). Applied by providers with machines; checked before anything starts.
+    pub fn image(mut self, image: Image) -> Self {
+        self.image = Some(image);
         self
     }
 
@@ -181,7 +189,10 @@ impl Compute {
         let started_at = Instant::now();
         let pool_id = format!("sky-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let state_dir = skyward_provider::local::skyward_home().join("pools").join(&pool_id);
-        let ctx = PoolContext { pool_id: pool_id.clone(), state_dir };
+        if let Some(image) = &self.image {
+            image.validate().map_err(|e| StartError::Invalid(format!("image: {e}")))?;
+        }
+        let ctx = PoolContext { pool_id: pool_id.clone(), state_dir, image: self.image.clone().filter(|i| !i.is_empty()) };
         let binary_path = match self.binary.clone() {
             Some(p) => p,
             None => std::env::current_exe().map_err(|e| StartError::Binary(format!("cannot locate this executable: {e}")))?,
@@ -212,7 +223,7 @@ impl Compute {
 
         let ca = skyward_net::PoolCa::generate(&pool_id).map_err(|e| StartError::Transport(e.to_string()))?;
         let server_cert = ca.issue_server().map_err(|e| StartError::Transport(e.to_string()))?;
-        let bind = SocketAddr::new(self.provider.coordinator_bind(), 0);
+        let bind = SocketAddr::new(self.provider.coordinator_bind(&ctx), 0);
         let endpoint = skyward_net::server_endpoint(bind, ca.cert(), &server_cert, self.options.lost_after.max(Duration::from_secs(10)))
             .map_err(|e| StartError::Transport(e.to_string()))?;
         let server_addr = endpoint.local_addr().map_err(|e| StartError::Transport(e.to_string()))?;

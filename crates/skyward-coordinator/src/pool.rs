@@ -162,7 +162,7 @@ impl PoolState {
             concurrency: shared.concurrency,
             cache_dir: layout.cache_dir,
             state_dir: layout.state_dir,
-            on_silence: skyward_worker::config::SilenceAction::Exit,
+            on_silence: layout.on_silence,
             max_frame: shared.options.max_frame,
         };
         let request = ProvisionRequest { node_id: node_id.clone(), rank, worker_config: Secret::new(config.to_toml()) };

@@ -15,6 +15,20 @@ pub mod session;
 pub use error::{ProtocolError, RemoteError, TaskError};
 pub use message::*;
 
+/// What a worker does when the coordinator has been silent longer than its `instance_timeout`.
+/// The provider picks it (it knows what "ending the machine" means there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SilenceAction {
+    /// Exit the worker process (local workers).
+    #[default]
+    Exit,
+    /// Power the machine off (`poweroff`), then exit (cloud machines).
+    Poweroff,
+    /// Send SIGTERM to PID 1, then exit (containers whose init is `sshd`: the container ends).
+    StopInit,
+}
+
 /// Version of the wire protocol. A peer that speaks another version is refused in the handshake.
 pub const PROTOCOL_VERSION: u32 = 1;
 

@@ -100,6 +100,11 @@ impl Image {
         self
     }
 
+    /// Whether the image asks for nothing.
+    pub fn is_empty(&self) -> bool {
+        self.apt.is_empty() && self.pip.is_empty() && self.env.is_empty() && self.setup.is_empty()
+    }
+
     /// Check every value.
     pub fn validate(&self) -> Result<(), ImageError> {
         for p in &self.apt {

@@ -6,10 +6,14 @@
 //! Architecture invariant: providers never depend on the coordinator; the coordinator drives them
 //! through this trait only. "Terminated" means the provider confirmed it.
 
+#[cfg(feature = "container")]
+pub mod container;
 pub mod image;
 pub mod local;
 pub mod secret;
 
+#[cfg(feature = "container")]
+pub use container::Container;
 pub use image::{Image, ImageError};
 pub use local::Local;
 pub use secret::Secret;
@@ -24,6 +28,8 @@ pub struct PoolContext {
     pub pool_id: String,
     /// The pool's state directory on the coordinator's machine.
     pub state_dir: std::path::PathBuf,
+    /// What every node needs before tasks run (providers with machines apply it).
+    pub image: Option<Image>,
 }
 
 /// Where a worker keeps its files on its machine.
@@ -33,6 +39,8 @@ pub struct WorkerLayout {
     pub cache_dir: std::path::PathBuf,
     /// Sockets, logs, scratch.
     pub state_dir: std::path::PathBuf,
+    /// What the worker does when the coordinator falls silent.
+    pub on_silence: skyward_proto::SilenceAction,
 }
 
 /// A request for one node.
@@ -112,6 +120,15 @@ pub enum ProviderError {
         /// Details.
         message: String,
     },
+    /// A node's bootstrap failed (its output is in the message); the node was torn down.
+    /// Not retried: the same image fails the same way.
+    #[error("{provider}: {message}")]
+    Bootstrap {
+        /// Provider name.
+        provider: &'static str,
+        /// What failed, with the last lines of output.
+        message: String,
+    },
     /// Termination could not be confirmed: the instance may still run (and cost money).
     #[error("{provider}: could not confirm termination of {instance}: {message}; it may still be running")]
     Leaked {
@@ -156,8 +173,9 @@ pub trait Provider: Send + Sync + fmt::Debug + 'static {
     /// Directories the worker of `node_id` uses on its machine.
     fn worker_layout(&self, pool: &PoolContext, node_id: &str) -> WorkerLayout;
 
-    /// Address the coordinator's QUIC server binds to so this provider's workers can reach it.
-    fn coordinator_bind(&self) -> std::net::IpAddr {
+    /// Address the coordinator's QUIC server binds to so this provider's workers can reach it
+    /// (asked after `prepare`).
+    fn coordinator_bind(&self, _pool: &PoolContext) -> std::net::IpAddr {
         std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
     }
 

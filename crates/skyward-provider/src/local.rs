@@ -168,6 +168,12 @@ impl Provider for Local {
         Box::pin(async move {
             std::fs::create_dir_all(&pool.state_dir)
                 .map_err(|e| failed("prepare", format!("cannot create {}: {e}", pool.state_dir.display())))?;
+            if pool.image.is_some() {
+                return Err(ProviderError::Invalid {
+                    provider: NAME,
+                    message: "Local runs workers on this machine and cannot apply an Image (hint: install what it needs here, or use the Container provider)".into(),
+                });
+            }
             self.resolve_launch().map(|_| ())
         })
     }
@@ -297,10 +303,10 @@ impl Provider for Local {
     fn worker_layout(&self, pool: &PoolContext, node_id: &str) -> crate::WorkerLayout {
         let state_dir = pool.state_dir.join(node_id);
         let cache_dir = if self.upload_binaries { state_dir.join("cache") } else { skyward_home().join("cache").join("bin") };
-        crate::WorkerLayout { cache_dir, state_dir }
+        crate::WorkerLayout { cache_dir, state_dir, on_silence: skyward_proto::SilenceAction::Exit }
     }
 
-    fn coordinator_bind(&self) -> std::net::IpAddr {
+    fn coordinator_bind(&self, _pool: &PoolContext) -> std::net::IpAddr {
         std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
     }
 

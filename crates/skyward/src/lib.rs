@@ -30,6 +30,8 @@ pub use skyward_function::{Call, InstanceInfo, StreamCall, instance_info, shard,
 pub use skyward_macros::{function, main};
 pub use skyward_proto::error::{RemoteError, RemoteErrorKind, TaskError};
 pub use skyward_proto::message::{CommandExit, TaskId, WorkerFacts};
+#[cfg(feature = "container")]
+pub use skyward_provider::Container;
 pub use skyward_provider::{Image, ImageError, Local, Provider, Secret};
 
 /// Providers and the provider trait.
