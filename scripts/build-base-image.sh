@@ -51,6 +51,7 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 PermitRootLogin prohibit-password
 UseDNS no
+HostKey /etc/ssh/ssh_host_ed25519_key
 AllowStreamLocalForwarding yes
 MaxStartups 64:30:128
 CONF
@@ -72,7 +73,8 @@ if [ -n "${SKYWARD_AUTHORIZED_KEY:-}" ]; then
     chmod 600 "$home/.ssh/authorized_keys"
     chown -R "$user" "$home/.ssh"
 fi
-ssh-keygen -A >/dev/null
+# One ed25519 host key (what the pool pins); RSA key generation would cost a second per node.
+[ -e /etc/ssh/ssh_host_ed25519_key ] || ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key
 mkdir -p /run/sshd
 exec /usr/sbin/sshd -D -e
 ENTRY

@@ -35,6 +35,7 @@ pub(crate) fn trials() -> Vec<Trial> {
         Trial::test("container::killed_container_task_completes_elsewhere", || block_on(killed_container())),
         Trial::test("container::killed_coordinator_containers_end_themselves", killed_coordinator),
         Trial::test("container::failed_bootstrap_reports_output_and_leaves_nothing", || block_on(failed_bootstrap())),
+        Trial::test("container::prebaked_image_skips_bootstrap", || block_on(prebaked_image_skips_bootstrap())),
     ]
 }
 
@@ -166,4 +167,39 @@ async fn failed_bootstrap() -> anyhow::Result<()> {
     anyhow::ensure!(text.contains("last") && text.contains("lines of output"), "carries the output tail: {text}");
     let StartError::Node { pool_id, .. } = &error else { anyhow::bail!("expected a node start error, got {error:?}") };
     assert_nothing_left(pool_id).await
+}
+
+#[skyward::function]
+async fn baked_state() -> (String, bool) {
+    (std::env::var("SKYWARD_TEST_GREETING").unwrap_or_default(), std::path::Path::new("/var/lib/skyward-test-baked").exists())
+}
+
+/// A prebaked image: the first pool bakes it (image script run, worker installed); the next pool
+/// starts from it, uploads nothing and runs no setup again, and tasks see the Image's effects.
+async fn prebaked_image_skips_bootstrap() -> anyhow::Result<()> {
+    // Unique per run: a setup command that names this process, so the bake happens here.
+    let marker = format!("touch /var/lib/skyward-test-baked # {}", std::process::id());
+    let image = Image::new().env("SKYWARD_TEST_GREETING", "hello from the image").setup(marker);
+    let first_provider = container_provider().prebake(true);
+    let first = Compute::new(first_provider.clone()).nodes(1).image(image.clone()).options(test_options()).start().await?;
+    let baked = first_provider.start_timings();
+    anyhow::ensure!(first.run(baked_state()).await? == ("hello from the image".to_string(), true), "the image applied on the first pool");
+    let first_id = first.pool_id().to_string();
+    first.shutdown().await?;
+    assert_nothing_left(&first_id).await?;
+
+    let second_provider = container_provider().prebake(true);
+    let second = Compute::new(second_provider.clone()).nodes(2).image(image).options(test_options()).start().await?;
+    let timings = second_provider.start_timings();
+    let state: Vec<(String, bool)> = second.broadcast(baked_state()).await?;
+    let second_id = second.pool_id().to_string();
+    second.shutdown().await?;
+    assert_nothing_left(&second_id).await?;
+    let image_name = timings.first().map(|(_, t)| t.image_name.clone()).unwrap_or_default();
+    let _ = tokio::process::Command::new("docker").args(["rmi", "-f", &image_name]).output().await;
+    anyhow::ensure!(image_name.starts_with("skyward-prebaked:"), "nodes started from the prebaked image: {image_name}");
+    anyhow::ensure!(baked.iter().all(|(_, t)| t.image_name == image_name), "both pools used the same prebaked image");
+    anyhow::ensure!(timings.len() == 2 && timings.iter().all(|(_, t)| !t.uploaded), "no worker upload on a prebaked image: {timings:?}");
+    anyhow::ensure!(state.iter().all(|s| s == &("hello from the image".to_string(), true)), "image effects on every node: {state:?}");
+    Ok(())
 }

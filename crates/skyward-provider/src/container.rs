@@ -85,7 +85,9 @@ pub struct Container {
     memory_mb: Option<u64>,
     worker_binary: Option<PathBuf>,
     ssh_timeout: Duration,
+    prebake: bool,
     pools: Arc<Mutex<HashMap<String, Arc<PoolState>>>>,
+    timings: Arc<Mutex<Vec<(String, NodeStartTimings)>>>,
 }
 
 impl Default for Container {
@@ -101,7 +103,9 @@ impl Default for Container {
             memory_mb: None,
             worker_binary: None,
             ssh_timeout: Duration::from_secs(60),
+            prebake: false,
             pools: Arc::default(),
+            timings: Arc::default(),
         }
     }
 }
@@ -124,9 +128,12 @@ struct NodeRecord {
     node_id: String,
 }
 
-/// Where the time of one node's start went (the start benchmark reads these from the log).
-#[derive(Debug, Clone, Copy, Default)]
+/// Where the time of one node's start went (up to the worker's start; joining is the
+/// coordinator's part).
+#[derive(Debug, Clone, Default)]
 pub struct NodeStartTimings {
+    /// From the provision call until the worker was started.
+    pub total: Duration,
     /// `docker run` until it returned.
     pub run: Duration,
     /// First SSH connection (waiting for sshd included).
@@ -137,6 +144,10 @@ pub struct NodeStartTimings {
     pub upload: Duration,
     /// Configuration and worker start.
     pub start: Duration,
+    /// Whether the worker executable had to be uploaded (not on a prebaked image).
+    pub uploaded: bool,
+    /// The image the node started from.
+    pub image_name: String,
 }
 
 fn failed(operation: &'static str, message: impl Into<String>) -> ProviderError {
@@ -212,6 +223,19 @@ impl Container {
     pub fn ssh_timeout(mut self, timeout: Duration) -> Self {
         self.ssh_timeout = timeout;
         self
+    }
+
+    /// Bake the bootstrapped state (image script done, worker installed) into a local image
+    /// (`skyward-prebaked:<hash>`) the first time, and start nodes from it: later pools with the
+    /// same base image, Image and worker skip the bootstrap. Costs one extra container once.
+    pub fn prebake(mut self, prebake: bool) -> Self {
+        self.prebake = prebake;
+        self
+    }
+
+    /// Start timings of every node this provider (and its clones) bootstrapped, in order.
+    pub fn start_timings(&self) -> Vec<(String, NodeStartTimings)> {
+        self.timings.lock().expect("timings").clone()
     }
 
     /// The runtime this provider drives.
@@ -303,7 +327,7 @@ impl Container {
             }
             None => None,
         };
-        let image = match &self.image {
+        let base = match &self.image {
             Some(i) => i.clone(),
             None => self.ensure_base_image(pool).await?,
         };
@@ -330,40 +354,29 @@ impl Container {
             .split_whitespace()
             .find_map(|g| g.parse::<IpAddr>().ok().filter(IpAddr::is_ipv4))
             .ok_or_else(|| failed("inspecting the pool network", format!("network {network} has no IPv4 gateway (got {gateway:?})")))?;
-        Ok(PoolState { network, created_network, gateway, key, image, worker, worker_sha256, image_script, nodes: Mutex::default() })
+        let mut state =
+            PoolState { network, created_network, gateway, key, image: base, worker, worker_sha256, image_script, nodes: Mutex::default() };
+        if self.prebake {
+            state.image = self.prebaked_image(pool, &state).await?;
+        }
+        Ok(state)
     }
 
-    async fn provision_node(&self, pool: &PoolContext, state: &PoolState, request: &ProvisionRequest) -> Result<Instance, ProviderError> {
-        let name = format!("{}-{}", self.prefix(), request.node_id);
-        let started = Instant::now();
-        let pool_label = format!("{POOL_LABEL}={}", pool.pool_id);
-        let node_label = format!("{NODE_LABEL}={}", request.node_id);
+    /// `docker run` one node container (detached; removed when it exits unless `keep`).
+    async fn run_container(&self, spec: RunSpec<'_>) -> Result<(), ProviderError> {
+        let RunSpec { pool_id, name, node_id, network, key, image, keep } = spec;
+        let pool_label = format!("{POOL_LABEL}={pool_id}");
+        let node_label = format!("{NODE_LABEL}={node_id}");
         let owner_label = format!("{OWNER_LABEL}={}", owner_tag());
-        let key_env = format!("SKYWARD_AUTHORIZED_KEY={}", state.key.public_openssh());
+        let key_env = format!("SKYWARD_AUTHORIZED_KEY={}", key.public_openssh());
         let user_env = format!("SKYWARD_SSH_USER={}", self.ssh_user);
         let cpus = self.cpus.map(|c| c.to_string());
         let memory = self.memory_mb.map(|m| format!("{m}m"));
-        let mut args: Vec<&str> = vec![
-            "run",
-            "-d",
-            "--rm",
-            "--name",
-            &name,
-            "--hostname",
-            &name,
-            "--network",
-            &state.network,
-            "--label",
-            &pool_label,
-            "--label",
-            &node_label,
-            "--label",
-            &owner_label,
-            "-e",
-            &key_env,
-            "-e",
-            &user_env,
-        ];
+        let mut args: Vec<&str> = vec!["run", "-d", "--name", name, "--hostname", name, "--network", network];
+        if !keep {
+            args.push("--rm");
+        }
+        args.extend(["--label", &pool_label, "--label", &node_label, "--label", &owner_label, "-e", &key_env, "-e", &user_env]);
         if self.isolated {
             // No resolver outside: fail name lookups at once instead of after timeouts.
             args.extend(["--dns", "127.0.0.1"]);
@@ -376,15 +389,31 @@ impl Container {
         if let Some(m) = &memory {
             args.extend(["--memory", m]);
         }
-        args.push(&state.image);
-        self.cli("starting a container", &args).await?;
+        args.push(image);
+        self.cli("starting a container", &args).await.map(|_| ())
+    }
+
+    async fn provision_node(&self, pool: &PoolContext, state: &PoolState, request: &ProvisionRequest) -> Result<Instance, ProviderError> {
+        let name = format!("{}-{}", self.prefix(), request.node_id);
+        let started = Instant::now();
+        self.run_container(RunSpec {
+            pool_id: &pool.pool_id,
+            name: &name,
+            node_id: &request.node_id,
+            network: &state.network,
+            key: &state.key,
+            image: &state.image,
+            keep: false,
+        })
+        .await?;
         let run = started.elapsed();
-        let pin = HostKeyPin::new();
         state.nodes.lock().expect("container nodes").insert(name.clone(), NodeRecord { node_id: request.node_id.clone() });
-        let result = self.bootstrap_node(state, &name, &pin, pool, request).await;
+        let result = self.bootstrap_node(state, &name, pool, request).await;
         match result {
             Ok(mut timings) => {
                 timings.run = run;
+                timings.total = started.elapsed();
+                self.timings.lock().expect("timings").push((request.node_id.clone(), timings.clone()));
                 tracing::info!(
                     node = %request.node_id, total = ?started.elapsed(), run = ?timings.run, ssh = ?timings.ssh,
                     image = ?timings.image, upload = ?timings.upload, start = ?timings.start, "container node bootstrapped"
@@ -406,6 +435,70 @@ impl Container {
                 Err(e)
             }
         }
+    }
+
+    /// The prebaked image for this base image, Image and worker: reused when present, else
+    /// baked once from a throwaway container (image script run, worker installed, host keys and
+    /// the pool's key removed) and committed.
+    async fn prebaked_image(&self, pool: &PoolContext, state: &PoolState) -> Result<String, ProviderError> {
+        let (base, network, key) = (&state.image, &state.network, &state.key);
+        let (worker, worker_sha256, image_script) = (&state.worker, &state.worker_sha256, state.image_script.as_ref());
+        let base_id = self.cli("inspecting the base image", &["image", "inspect", "--format", "{{.Id}}", base]).await?;
+        let identity =
+            format!("{}|{}|{}|{}", base_id.trim(), image_script.map(|(_, h)| h.as_str()).unwrap_or(""), worker_sha256, self.remote_root());
+        let tag = format!("skyward-prebaked:{}", &hex_sha256(identity.as_bytes())[..16]);
+        if self.cli("inspecting the prebaked image", &["image", "inspect", "--format", "{{.Id}}", &tag]).await.is_ok() {
+            tracing::info!(image = %tag, "using the prebaked image");
+            return Ok(tag);
+        }
+        let name = format!("{}-{}-bake", self.prefix(), pool.pool_id);
+        tracing::info!(image = %tag, "baking an image: the next pool with this Image skips the bootstrap");
+        self.run_container(RunSpec { pool_id: &pool.pool_id, name: &name, node_id: "bake", network, key, image: base, keep: true }).await?;
+        let result = async {
+            let (session, _) = self.open_session(&name, network, key, &HostKeyPin::new()).await?;
+            let root = self.remote_root();
+            let plan = BootstrapPlan {
+                node: &name,
+                pool_id: &pool.pool_id,
+                remote_root: &root,
+                worker_binary: worker,
+                worker_sha256,
+                worker_config: "",
+                image: image_script.map(|(s, h)| (s.as_str(), h.as_str())),
+            };
+            let installed = skyward_ssh::install(&session, &plan).await;
+            session.close().await;
+            installed.map_err(|e| ProviderError::Bootstrap { provider: NAME, message: e.to_string() })?;
+            // Nothing that identifies this container or pool goes into the image.
+            let scrub = "rm -f /etc/ssh/ssh_host_* /etc/apt/apt.conf.d/90skyward-isolated; rm -rf /root/.ssh /home/*/.ssh";
+            self.cli("cleaning the bake container", &["exec", &name, "sh", "-c", scrub]).await?;
+            self.cli(
+                "committing the prebaked image",
+                &["commit", "--change", "ENV SKYWARD_AUTHORIZED_KEY=", "--change", "LABEL dev.skyward.prebaked=1", &name, &tag],
+            )
+            .await?;
+            Ok(tag)
+        }
+        .await;
+        if let Err(e) = self.remove_container(&name).await {
+            tracing::error!(container = %name, error = %e, "removing the bake container");
+        }
+        result
+    }
+
+    /// Wait for the node's SSH server and connect; on an isolated network, tell apt not to retry.
+    async fn open_session(&self, name: &str, network: &str, key: &PoolKey, pin: &HostKeyPin) -> Result<(Session, Duration), ProviderError> {
+        let target = self.ssh_target(name, network).await?;
+        let started = Instant::now();
+        let session = Session::connect_with_backoff(&target, key, pin, self.ssh_timeout)
+            .await
+            .map_err(|e| failed("connecting over SSH", e.to_string()))?;
+        let waited = started.elapsed();
+        if self.isolated && self.ssh_user == "root" {
+            // Nothing outside is reachable: let apt fail at once instead of retrying with backoff.
+            let _ = session.run("echo 'Acquire::Retries \"0\";' > /etc/apt/apt.conf.d/90skyward-isolated").await;
+        }
+        Ok((session, waited))
     }
 
     async fn container_ip(&self, name: &str, network: &str) -> Result<String, ProviderError> {
@@ -436,20 +529,10 @@ impl Container {
         &self,
         state: &PoolState,
         name: &str,
-        pin: &HostKeyPin,
         pool: &PoolContext,
         request: &ProvisionRequest,
     ) -> Result<NodeStartTimings, ProviderError> {
-        let target = self.ssh_target(name, &state.network).await?;
-        let started = Instant::now();
-        let session = Session::connect_with_backoff(&target, &state.key, pin, self.ssh_timeout)
-            .await
-            .map_err(|e| failed("connecting over SSH", e.to_string()))?;
-        let ssh = started.elapsed();
-        if self.isolated && self.ssh_user == "root" {
-            // Nothing outside is reachable: let apt fail at once instead of retrying with backoff.
-            let _ = session.run("echo 'Acquire::Retries \"0\";' > /etc/apt/apt.conf.d/90skyward-isolated").await;
-        }
+        let (session, ssh) = self.open_session(name, &state.network, &state.key, &HostKeyPin::new()).await?;
         let root = self.remote_root();
         let plan = BootstrapPlan {
             node: &request.node_id,
@@ -463,7 +546,16 @@ impl Container {
         let result = skyward_ssh::bootstrap(&session, &plan).await;
         session.close().await;
         let t = result.map_err(|e| ProviderError::Bootstrap { provider: NAME, message: e.to_string() })?;
-        Ok(NodeStartTimings { run: Duration::ZERO, ssh, image: t.image, upload: t.upload, start: t.start })
+        Ok(NodeStartTimings {
+            total: Duration::ZERO,
+            run: Duration::ZERO,
+            ssh,
+            image: t.image,
+            upload: t.upload,
+            start: t.start,
+            uploaded: t.uploaded,
+            image_name: state.image.clone(),
+        })
     }
 
     async fn remove_container(&self, name: &str) -> Result<(), ProviderError> {
@@ -497,6 +589,17 @@ impl Container {
     pub async fn remove(&self, name: &str) -> Result<(), ProviderError> {
         self.remove_container(name).await
     }
+}
+
+/// One `docker run`.
+struct RunSpec<'a> {
+    pool_id: &'a str,
+    name: &'a str,
+    node_id: &'a str,
+    network: &'a str,
+    key: &'a PoolKey,
+    image: &'a str,
+    keep: bool,
 }
 
 /// A container carrying Skyward's labels.
@@ -636,6 +739,10 @@ pub async fn cleanup(runtime: Runtime, dry_run: bool) -> Result<CleanupReport, P
         return Err(ProviderError::Leaked { provider: NAME, instance: name.clone(), message: "still listed after cleanup".into() });
     }
     Ok(report)
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn sha256_file(path: &Path) -> std::io::Result<String> {

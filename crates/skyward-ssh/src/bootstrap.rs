@@ -80,13 +80,30 @@ fn quote_ok(s: &str) -> Result<(), String> {
     if s.is_empty() || s.contains(['\'', '\n', '\0']) { Err(format!("unsafe value {s:?}")) } else { Ok(()) }
 }
 
-/// Bootstrap one node over `session`.
+/// Bootstrap one node over `session`: [`install`], then [`start_worker`].
 pub async fn bootstrap(session: &Session, plan: &BootstrapPlan<'_>) -> Result<BootstrapTimings, BootstrapError> {
-    let fail =
-        |stage: &'static str, message: String, tail: Vec<String>| BootstrapError { node: plan.node.to_string(), stage, message, tail };
+    let mut timings = install(session, plan).await?;
+    timings.start = start_worker(session, plan).await?;
+    Ok(timings)
+}
+
+fn failure(plan: &BootstrapPlan<'_>, stage: &'static str, message: String, tail: Vec<String>) -> BootstrapError {
+    BootstrapError { node: plan.node.to_string(), stage, message, tail }
+}
+
+fn check_plan(plan: &BootstrapPlan<'_>) -> Result<(), BootstrapError> {
     for v in [plan.remote_root, plan.pool_id, plan.node, plan.worker_sha256] {
-        quote_ok(v).map_err(|m| fail("checking the plan", m, Vec::new()))?;
+        quote_ok(v).map_err(|m| failure(plan, "checking the plan", m, Vec::new()))?;
     }
+    Ok(())
+}
+
+/// What is the same on every node of an image: the image script's effects and the worker
+/// executable (the two run concurrently). This part can be baked into a machine image; on such
+/// an image both steps find their work done and return at once.
+pub async fn install(session: &Session, plan: &BootstrapPlan<'_>) -> Result<BootstrapTimings, BootstrapError> {
+    let fail = |stage: &'static str, message: String, tail: Vec<String>| failure(plan, stage, message, tail);
+    check_plan(plan)?;
     let root = plan.remote_root;
     let node = plan.node;
 
@@ -118,7 +135,16 @@ pub async fn bootstrap(session: &Session, plan: &BootstrapPlan<'_>) -> Result<Bo
     let (image, upload) = tokio::join!(image, upload);
     let image = image?;
     let (upload, uploaded) = upload?;
+    Ok(BootstrapTimings { image, upload, start: Duration::ZERO, uploaded })
+}
 
+/// Write the worker's configuration (0600) and start the worker detached from the session;
+/// returns the time it took.
+pub async fn start_worker(session: &Session, plan: &BootstrapPlan<'_>) -> Result<Duration, BootstrapError> {
+    let fail = |stage: &'static str, message: String, tail: Vec<String>| failure(plan, stage, message, tail);
+    check_plan(plan)?;
+    let root = plan.remote_root;
+    let node = plan.node;
     let started = Instant::now();
     let config_path = format!("{root}/worker.toml");
     session
@@ -141,5 +167,5 @@ pub async fn bootstrap(session: &Session, plan: &BootstrapPlan<'_>) -> Result<Bo
     if !out.success() {
         return Err(fail("starting the worker", out.describe(), out.tail));
     }
-    Ok(BootstrapTimings { image, upload, start: started.elapsed(), uploaded })
+    Ok(started.elapsed())
 }

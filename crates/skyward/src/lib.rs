@@ -55,7 +55,7 @@ pub fn init() {
 /// Log to standard error, filtered by `SKYWARD_LOG` (default `warn`), for programs that have no
 /// subscriber of their own.
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SKYWARD_LOG").unwrap_or_else(|_| "warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SKYWARD_LOG").unwrap_or_else(|_| "warn,skyward::bootstrap=info".into());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 

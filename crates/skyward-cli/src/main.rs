@@ -1,0 +1,85 @@
+//! `skyward`: the command-line tool.
+//!
+//! Verbs: `cleanup` (find and remove what abandoned pools left behind). Exit status 0 on
+//! success, 1 when something could not be removed, 2 for bad usage.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use skyward_provider::container::{self, Runtime};
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: skyward <command> [options]
+
+commands:
+  cleanup [--dry-run] [--runtime docker|podman|nerdctl]
+      Remove every container and network labelled by a Skyward pool whose coordinator
+      process no longer runs. Pools whose coordinator is alive are left alone.
+  help
+      Show this text.
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("cleanup") => cleanup(&args[1..]),
+        Some("help" | "-h" | "--help") | None => {
+            print!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Some("--version" | "-V") => {
+            println!("skyward {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Some(other) => usage_error(&format!("unknown command {other:?}")),
+    }
+}
+
+fn usage_error(message: &str) -> ExitCode {
+    eprintln!("error: {message}\n\n{USAGE}");
+    ExitCode::from(2)
+}
+
+fn cleanup(args: &[String]) -> ExitCode {
+    let mut dry_run = false;
+    let mut runtime = Runtime::Docker;
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--dry-run" | "-n" => dry_run = true,
+            "--runtime" => match rest.next().map(|v| v.parse::<Runtime>()) {
+                Some(Ok(r)) => runtime = r,
+                Some(Err(e)) => return usage_error(&e.to_string()),
+                None => return usage_error("--runtime needs a value"),
+            },
+            other => return usage_error(&format!("cleanup: unknown option {other:?}")),
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = match rt.block_on(container::cleanup(runtime, dry_run)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cleanup failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let verb = if dry_run { "would remove" } else { "removed" };
+    for c in &report.containers {
+        println!("{verb} container {:<40} pool {} ({})", c.name, c.pool_id, c.state);
+    }
+    for n in &report.networks {
+        println!("{verb} network   {:<40} pool {}", n.name, n.pool_id);
+    }
+    for p in &report.running_pools {
+        println!("kept pool {p}: its coordinator is still running");
+    }
+    if report.containers.is_empty() && report.networks.is_empty() {
+        println!("nothing left behind ({} runtime)", runtime.program());
+    }
+    ExitCode::SUCCESS
+}
