@@ -22,7 +22,26 @@ pub(crate) fn test_options() -> Options {
 
 /// A Local pool of `nodes` workers with `concurrency` slots each.
 pub(crate) async fn pool(nodes: u32, concurrency: u32) -> anyhow::Result<Pool> {
-    Ok(Compute::new(Local::default()).nodes(nodes).worker(Worker { concurrency }).options(test_options()).start().await?)
+    pool_in_mode(nodes, concurrency, Mode::Cluster).await
+}
+
+/// Cluster mode (workers dial the coordinator) or standalone mode (the coordinator reaches each
+/// worker through the provider; QUIC runs inside that stream). The dispatch suites run in both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Cluster,
+    Standalone,
+}
+
+impl Mode {
+    pub(crate) fn options(self) -> Options {
+        Options { cluster: Some(self == Mode::Cluster), ..test_options() }
+    }
+}
+
+/// A Local pool in `mode`.
+pub(crate) async fn pool_in_mode(nodes: u32, concurrency: u32, mode: Mode) -> anyhow::Result<Pool> {
+    Ok(Compute::new(Local::default()).nodes(nodes).worker(Worker { concurrency }).options(mode.options()).start().await?)
 }
 
 /// Worker processes of `pool_id` still in the process table.

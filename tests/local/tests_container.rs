@@ -1,7 +1,7 @@
 //! The Container provider end to end on real docker: containers with their own sshd,
 //! bootstrapped over SSH, workers joining over QUIC with mutual TLS through the pool's network.
 
-use crate::support::{CONTAINER_SILENCE, block_on, container_provider, test_options};
+use crate::support::{CONTAINER_SILENCE, Mode, block_on, container_provider, test_options};
 use crate::tests_teardown::spawn_child;
 use libtest_mimic::Trial;
 use skyward::providers::container::{self, Runtime};
@@ -31,16 +31,18 @@ async fn node_rank() -> u32 {
 
 pub(crate) fn trials() -> Vec<Trial> {
     vec![
-        Trial::test("container::dispatch_on_three_containers", || block_on(dispatch_on_three())),
-        Trial::test("container::killed_container_task_completes_elsewhere", || block_on(killed_container())),
+        Trial::test("container::dispatch_on_three_containers", || block_on(dispatch_on_three(Mode::Cluster))),
+        Trial::test("container::dispatch_on_three_containers_standalone", || block_on(dispatch_on_three(Mode::Standalone))),
+        Trial::test("container::killed_container_task_completes_elsewhere", || block_on(killed_container(Mode::Cluster))),
+        Trial::test("container::killed_container_task_completes_elsewhere_standalone", || block_on(killed_container(Mode::Standalone))),
         Trial::test("container::killed_coordinator_containers_end_themselves", killed_coordinator),
         Trial::test("container::failed_bootstrap_reports_output_and_leaves_nothing", || block_on(failed_bootstrap())),
         Trial::test("container::prebaked_image_skips_bootstrap", || block_on(prebaked_image_skips_bootstrap())),
     ]
 }
 
-async fn container_pool(nodes: u32, concurrency: u32) -> anyhow::Result<Pool> {
-    Ok(Compute::new(container_provider()).nodes(nodes).worker(Worker { concurrency }).options(test_options()).start().await?)
+async fn container_pool(nodes: u32, concurrency: u32, mode: Mode) -> anyhow::Result<Pool> {
+    Ok(Compute::new(container_provider()).nodes(nodes).worker(Worker { concurrency }).options(mode.options()).start().await?)
 }
 
 /// Containers and networks still labelled with `pool_id`.
@@ -57,10 +59,10 @@ async fn assert_nothing_left(pool_id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn dispatch_on_three() -> anyhow::Result<()> {
+async fn dispatch_on_three(mode: Mode) -> anyhow::Result<()> {
     let started = Instant::now();
-    let pool = container_pool(3, 4).await?;
-    println!("3 containers ready in {:?}", started.elapsed());
+    let pool = container_pool(3, 4, mode).await?;
+    println!("3 containers ready in {:?} ({mode:?})", started.elapsed());
     let id = pool.pool_id().to_string();
     let (containers, networks) = leftovers(&id).await?;
     anyhow::ensure!(containers.len() == 3 && networks.len() == 1, "3 containers and a network: {containers:?} {networks:?}");
@@ -86,8 +88,8 @@ async fn dispatch_on_three() -> anyhow::Result<()> {
     assert_nothing_left(&id).await
 }
 
-async fn killed_container() -> anyhow::Result<()> {
-    let pool = container_pool(3, 2).await?;
+async fn killed_container(mode: Mode) -> anyhow::Result<()> {
+    let pool = container_pool(3, 2, mode).await?;
     let id = pool.pool_id().to_string();
     // Six tasks of 2 s fill every slot; then one container is killed mid-task.
     let handles: Vec<_> = (0..6).map(|i| pool.submit(nap(2000, i))).collect();

@@ -1,7 +1,7 @@
 //! Dispatch: run, run_on, broadcast, join, gather (ordered and as completed), submit, stream,
 //! commands, instance_info and shard inside tasks.
 
-use crate::support::{assert_no_workers, block_on, pool};
+use crate::support::{Mode, assert_no_workers, block_on, pool, pool_in_mode};
 use futures::StreamExt;
 use libtest_mimic::Trial;
 use serde::{Deserialize, Serialize};
@@ -53,14 +53,15 @@ async fn count_to(n: u32) -> impl futures::Stream<Item = u32> + Send + 'static {
 
 pub(crate) fn trials() -> Vec<Trial> {
     vec![
-        Trial::test("dispatch::every_api_on_three_nodes", || block_on(every_api_on_three_nodes())),
+        Trial::test("dispatch::every_api_on_three_nodes", || block_on(every_api_on_three_nodes(Mode::Cluster))),
+        Trial::test("dispatch::every_api_on_three_nodes_standalone", || block_on(every_api_on_three_nodes(Mode::Standalone))),
         Trial::test("dispatch::commands_stream_output_and_fail_clearly", || block_on(commands())),
         Trial::test("dispatch::binary_travels_over_quic_when_not_staged", || block_on(upload_path())),
     ]
 }
 
-async fn every_api_on_three_nodes() -> anyhow::Result<()> {
-    let pool = pool(3, 4).await?;
+async fn every_api_on_three_nodes(mode: Mode) -> anyhow::Result<()> {
+    let pool = pool_in_mode(3, 4, mode).await?;
     let id = pool.pool_id().to_string();
     anyhow::ensure!(pool.node_count() == 3, "three nodes");
 

@@ -35,6 +35,10 @@ pub struct WorkerConfig {
     /// Largest frame accepted.
     #[serde(default = "default_max_frame")]
     pub max_frame: usize,
+    /// Standalone mode: instead of dialing `coordinator` over the network, listen on this Unix
+    /// socket (0600) for the stream the coordinator opens through SSH, and run QUIC over it.
+    #[serde(default)]
+    pub standalone_socket: Option<PathBuf>,
 }
 
 fn default_max_frame() -> usize {

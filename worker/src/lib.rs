@@ -526,6 +526,19 @@ pub fn facts(config: &WorkerConfig) -> WorkerFacts {
     }
 }
 
+/// Bind the standalone socket: a fresh file, mode 0600, in a directory only we can enter.
+fn bind_standalone_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
 /// Run the worker until it is told to stop, is refused, or the coordinator goes silent.
 pub async fn run(config: WorkerConfig) -> anyhow::Result<ExitReason> {
     std::fs::create_dir_all(&config.cache_dir)?;
@@ -542,7 +555,29 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<ExitReason> {
         facts(&config),
         Duration::ZERO,
     );
-    let endpoint = skyward_net::client_endpoint(&config.ca_cert_pem, &config.cert, Duration::from_secs(10))?;
+    let (endpoint, tunnel) = match &config.standalone_socket {
+        None => (skyward_net::client_endpoint(&config.ca_cert_pem, &config.cert, Duration::from_secs(10))?, None),
+        Some(path) => {
+            let socket = skyward_net::TunnelSocket::single("127.0.0.3:1".parse().expect("static address"));
+            let endpoint =
+                skyward_net::client_endpoint_tunnel(Arc::clone(&socket), &config.ca_cert_pem, &config.cert, Duration::from_secs(10))?;
+            let listener = bind_standalone_socket(path)?;
+            tracing::info!(socket = %path.display(), "standalone mode: waiting for the coordinator's tunnel");
+            let attach_to = Arc::clone(&socket);
+            tokio::spawn(async move {
+                loop {
+                    match listener.accept().await {
+                        Ok((stream, _)) => {
+                            tracing::debug!("coordinator tunnel attached");
+                            attach_to.attach(stream);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "standalone socket accept failed"),
+                    }
+                }
+            });
+            (endpoint, Some(socket))
+        }
+    };
     let worker = Arc::new(Worker {
         executors: Executors::new(config.cache_dir.clone(), config.state_dir.clone()),
         config,
@@ -556,13 +591,22 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<ExitReason> {
     let connector = {
         let worker = Arc::clone(&worker);
         let endpoint = endpoint.clone();
+        let tunnel = tunnel.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(50);
             loop {
                 let attempt = async {
                     let connecting =
                         endpoint.connect(worker.config.coordinator, skyward_net::COORDINATOR_SERVER_NAME).map_err(|e| e.to_string())?;
-                    let connection = connecting.await.map_err(|e| e.to_string())?;
+                    let connection = match &tunnel {
+                        // A handshake started before the tunnel existed waits for retransmits:
+                        // start over as soon as a tunnel arrives.
+                        Some(t) => tokio::select! {
+                            c = connecting => c.map_err(|e| e.to_string())?,
+                            _ = t.attached() => return Err("coordinator tunnel arrived; dialling through it".to_string()),
+                        },
+                        None => connecting.await.map_err(|e| e.to_string())?,
+                    };
                     worker.serve_connection(connection).await
                 };
                 match attempt.await {

@@ -45,6 +45,10 @@ impl Default for Worker {
 /// Operational settings of a pool.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// Cluster mode (workers reach the coordinator over the network: QUIC with mutual TLS) or
+    /// standalone mode (`Some(false)`: the coordinator reaches each worker through the provider,
+    /// over SSH; the same QUIC session runs inside that channel). `None`: the provider's default.
+    pub cluster: Option<bool>,
     /// How often the coordinator probes each worker.
     pub heartbeat_interval: Duration,
     /// Silence after which a node is lost and its tasks re-queued.
@@ -72,6 +76,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
+            cluster: None,
             heartbeat_interval: Duration::from_millis(500),
             lost_after: Duration::from_secs(3),
             instance_timeout: Duration::from_secs(60),
@@ -223,10 +228,19 @@ impl Compute {
 
         let ca = skyward_net::PoolCa::generate(&pool_id).map_err(|e| StartError::Transport(e.to_string()))?;
         let server_cert = ca.issue_server().map_err(|e| StartError::Transport(e.to_string()))?;
-        let bind = SocketAddr::new(self.provider.coordinator_bind(&ctx), 0);
-        let endpoint = skyward_net::server_endpoint(bind, ca.cert(), &server_cert, self.options.lost_after.max(Duration::from_secs(10)))
-            .map_err(|e| StartError::Transport(e.to_string()))?;
+        let idle = self.options.lost_after.max(Duration::from_secs(10));
+        let cluster = self.options.cluster.unwrap_or_else(|| self.provider.cluster_by_default());
+        let (endpoint, tunnel) = if cluster {
+            let bind = SocketAddr::new(self.provider.coordinator_bind(&ctx), 0);
+            (skyward_net::server_endpoint(bind, ca.cert(), &server_cert, idle).map_err(|e| StartError::Transport(e.to_string()))?, None)
+        } else {
+            let socket = skyward_net::TunnelSocket::new(skyward_net::TunnelSocket::coordinator_addr());
+            let endpoint = skyward_net::server_endpoint_tunnel(Arc::clone(&socket), ca.cert(), &server_cert, idle)
+                .map_err(|e| StartError::Transport(e.to_string()))?;
+            (endpoint, Some(socket))
+        };
         let server_addr = endpoint.local_addr().map_err(|e| StartError::Transport(e.to_string()))?;
+        tracing::debug!(pool = %pool_id, cluster, %server_addr, "coordinator endpoint");
         let shared = Arc::new(PoolShared {
             pool_id: pool_id.clone(),
             ctx,
@@ -238,6 +252,7 @@ impl Compute {
             options: self.options.clone(),
             concurrency: self.worker.concurrency,
             binary,
+            tunnel,
         });
         let acceptor = tokio::spawn(pool::accept_loop(endpoint.clone(), Arc::clone(&shared)));
         let (tm, _) = Actor::spawn(None, TaskManager, TmArgs { max_retries: self.options.max_retries, pool_id: pool_id.clone() })

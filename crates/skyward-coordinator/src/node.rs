@@ -324,6 +324,38 @@ pub(crate) struct NodeArgs {
     pub(crate) connect_timeout: Duration,
     pub(crate) provider: Arc<dyn skyward_provider::Provider>,
     pub(crate) ctx: skyward_provider::PoolContext,
+    /// Standalone mode: the pool's tunnel socket and the worker's socket path on its machine.
+    pub(crate) tunnel: Option<(Arc<skyward_net::TunnelSocket>, std::path::PathBuf)>,
+}
+
+/// Standalone mode: keep a tunnel to the worker open through the provider (an SSH channel to
+/// the worker's socket), re-opening it whenever it ends. Runs until the node actor stops (which
+/// aborts it); a worker that never answers is failed by the boot watcher or declared lost.
+async fn keep_tunnel(
+    shared: Arc<NodeShared>,
+    provider: Arc<dyn skyward_provider::Provider>,
+    ctx: skyward_provider::PoolContext,
+    instance_id: String,
+    socket_path: std::path::PathBuf,
+    tunnel: Arc<skyward_net::TunnelSocket>,
+) {
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        match provider.open_tunnel(&ctx, &instance_id, &socket_path).await {
+            Ok(stream) => {
+                backoff = Duration::from_millis(20);
+                let attachment = tunnel.attach(stream);
+                tracing::debug!(node = %shared.node_id, peer = %attachment.peer, "tunnel to the worker open");
+                attachment.closed().await;
+                tracing::debug!(node = %shared.node_id, "tunnel to the worker ended; re-opening");
+            }
+            Err(e) => {
+                tracing::debug!(node = %shared.node_id, error = %e, ?backoff, "tunnel to the worker not open yet");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
 }
 
 /// Until the worker connects, check on the instance: a worker that exits or never connects fails
@@ -375,6 +407,7 @@ pub(crate) struct NodeStateData {
     timer: Option<tokio::task::JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     upload_timeout: Duration,
+    tunnel: Option<(Arc<skyward_net::TunnelSocket>, std::path::PathBuf)>,
 }
 
 /// Build the shared part of a node before its actor exists (the acceptor needs it by node id).
@@ -478,6 +511,7 @@ impl Actor for Node {
             timer: None,
             tasks: Vec::new(),
             upload_timeout: args.upload_timeout,
+            tunnel: args.tunnel,
         })
     }
 
@@ -503,6 +537,16 @@ impl Actor for Node {
                 tracing::debug!(node = %shared.node_id, %instance_id, "instance provisioned");
                 if state.state == NodeState::Requested {
                     state.state = NodeState::Booting;
+                    if let Some((socket, path)) = &state.tunnel {
+                        state.tasks.push(tokio::spawn(keep_tunnel(
+                            Arc::clone(&shared),
+                            Arc::clone(&state.provider),
+                            state.ctx.clone(),
+                            instance_id.clone(),
+                            path.clone(),
+                            Arc::clone(socket),
+                        )));
+                    }
                     state.tasks.push(tokio::spawn(watch_boot(
                         Arc::clone(&shared),
                         state.pool.clone(),

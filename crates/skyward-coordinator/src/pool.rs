@@ -39,6 +39,8 @@ pub(crate) struct PoolShared {
     pub(crate) options: Options,
     pub(crate) concurrency: u32,
     pub(crate) binary: Arc<ShippedBinary>,
+    /// Standalone mode: the socket every worker's tunnel is attached to.
+    pub(crate) tunnel: Option<Arc<skyward_net::TunnelSocket>>,
 }
 
 /// Messages of the Pool actor.
@@ -133,6 +135,8 @@ impl PoolState {
             },
             now,
         );
+        let layout = shared.provider.worker_layout(&shared.ctx, &node_id);
+        let standalone_socket = shared.tunnel.as_ref().map(|_| layout.state_dir.join(skyward_provider::STANDALONE_SOCKET));
         let node_shared: Arc<NodeShared> =
             node::new_shared(node_id.clone(), rank, session, shared.epoch, self.tm.clone(), shared.options.max_frame);
         let (actor, _) = Actor::spawn_linked(
@@ -146,12 +150,12 @@ impl PoolState {
                 connect_timeout: shared.options.connect_timeout,
                 provider: Arc::clone(&shared.provider),
                 ctx: shared.ctx.clone(),
+                tunnel: shared.tunnel.clone().zip(standalone_socket.clone()),
             },
             myself.get_cell(),
         )
         .await?;
         shared.registry.lock().expect("registry lock").insert(node_id.clone(), RegistryEntry { actor: actor.clone(), cert_der });
-        let layout = shared.provider.worker_layout(&shared.ctx, &node_id);
         let config = skyward_worker::config::WorkerConfig {
             pool_id: shared.pool_id.clone(),
             node_id: node_id.clone(),
@@ -164,6 +168,7 @@ impl PoolState {
             state_dir: layout.state_dir,
             on_silence: layout.on_silence,
             max_frame: shared.options.max_frame,
+            standalone_socket,
         };
         let request = ProvisionRequest { node_id: node_id.clone(), rank, worker_config: Secret::new(config.to_toml()) };
         self.nodes.insert(rank, NodeRecord { node_id, actor, instance_id: None, facts: None, replacements });

@@ -126,6 +126,10 @@ struct PoolState {
 #[derive(Debug, Clone)]
 struct NodeRecord {
     node_id: String,
+    /// The node's host key, pinned at its first SSH connection.
+    pin: HostKeyPin,
+    /// The SSH connection kept after the bootstrap (standalone tunnels run through it).
+    session: Option<Arc<Session>>,
 }
 
 /// Where the time of one node's start went (up to the worker's start; joining is the
@@ -407,8 +411,13 @@ impl Container {
         })
         .await?;
         let run = started.elapsed();
-        state.nodes.lock().expect("container nodes").insert(name.clone(), NodeRecord { node_id: request.node_id.clone() });
-        let result = self.bootstrap_node(state, &name, pool, request).await;
+        let pin = HostKeyPin::new();
+        state
+            .nodes
+            .lock()
+            .expect("container nodes")
+            .insert(name.clone(), NodeRecord { node_id: request.node_id.clone(), pin: pin.clone(), session: None });
+        let result = self.bootstrap_node(state, &name, &pin, pool, request).await;
         match result {
             Ok(mut timings) => {
                 timings.run = run;
@@ -529,10 +538,11 @@ impl Container {
         &self,
         state: &PoolState,
         name: &str,
+        pin: &HostKeyPin,
         pool: &PoolContext,
         request: &ProvisionRequest,
     ) -> Result<NodeStartTimings, ProviderError> {
-        let (session, ssh) = self.open_session(name, &state.network, &state.key, &HostKeyPin::new()).await?;
+        let (session, ssh) = self.open_session(name, &state.network, &state.key, pin).await?;
         let root = self.remote_root();
         let plan = BootstrapPlan {
             node: &request.node_id,
@@ -544,8 +554,17 @@ impl Container {
             image: state.image_script.as_ref().map(|(s, h)| (s.as_str(), h.as_str())),
         };
         let result = skyward_ssh::bootstrap(&session, &plan).await;
-        session.close().await;
-        let t = result.map_err(|e| ProviderError::Bootstrap { provider: NAME, message: e.to_string() })?;
+        let t = match result {
+            Ok(t) => t,
+            Err(e) => {
+                session.close().await;
+                return Err(ProviderError::Bootstrap { provider: NAME, message: e.to_string() });
+            }
+        };
+        // Kept for standalone tunnels (closed when the node is terminated).
+        if let Some(record) = state.nodes.lock().expect("container nodes").get_mut(name) {
+            record.session = Some(Arc::new(session));
+        }
         Ok(NodeStartTimings {
             total: Duration::ZERO,
             run: Duration::ZERO,
@@ -830,7 +849,10 @@ impl Provider for Container {
                 return Err(ProviderError::Leaked { provider: NAME, instance: id.to_string(), message: "still listed after rm -f".into() });
             }
             if let Ok(state) = self.pool(&pool.pool_id) {
-                state.nodes.lock().expect("container nodes").remove(id);
+                let record = state.nodes.lock().expect("container nodes").remove(id);
+                if let Some(session) = record.and_then(|r| r.session) {
+                    session.close().await;
+                }
             }
             Ok(())
         })
@@ -906,6 +928,37 @@ impl Provider for Container {
             let log = format!("{}/worker.log", self.remote_root());
             let n = lines.to_string();
             self.cli("reading the worker log", &["exec", &name, "tail", "-n", &n, &log]).await.ok()
+        })
+    }
+
+    fn open_tunnel<'a>(
+        &'a self,
+        pool: &'a PoolContext,
+        instance_id: &'a str,
+        socket: &'a Path,
+    ) -> BoxFuture<'a, Result<Box<dyn crate::TunnelIo>, ProviderError>> {
+        Box::pin(async move {
+            let state = self.pool(&pool.pool_id)?;
+            let socket = socket.to_str().ok_or_else(|| invalid(format!("socket path {} is not UTF-8", socket.display())))?;
+            let (session, pin) = {
+                let nodes = state.nodes.lock().expect("container nodes");
+                let record = nodes.get(instance_id).ok_or_else(|| failed("open_tunnel", format!("unknown instance {instance_id}")))?;
+                (record.session.clone().filter(|s| !s.is_closed()), record.pin.clone())
+            };
+            let session = match session {
+                Some(s) => s,
+                None => {
+                    // The bootstrap's connection ended: a new one, to the same pinned host key.
+                    let (s, _) = self.open_session(instance_id, &state.network, &state.key, &pin).await?;
+                    let s = Arc::new(s);
+                    if let Some(record) = state.nodes.lock().expect("container nodes").get_mut(instance_id) {
+                        record.session = Some(Arc::clone(&s));
+                    }
+                    s
+                }
+            };
+            let stream = session.open_unix_stream(socket).await.map_err(|e| failed("open_tunnel", e.to_string()))?;
+            Ok(Box::new(stream) as Box<dyn crate::TunnelIo>)
         })
     }
 

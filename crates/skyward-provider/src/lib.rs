@@ -21,6 +21,13 @@ pub use secret::Secret;
 use futures::future::BoxFuture;
 use std::fmt;
 
+/// File name of a standalone worker's socket in its `WorkerLayout::state_dir`.
+pub const STANDALONE_SOCKET: &str = "standalone.sock";
+
+/// A byte stream to a standalone worker's socket.
+pub trait TunnelIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> TunnelIo for T {}
+
 /// What the coordinator tells a provider about the pool.
 #[derive(Debug, Clone)]
 pub struct PoolContext {
@@ -195,6 +202,24 @@ pub trait Provider: Send + Sync + fmt::Debug + 'static {
     /// it (shown to the user when a worker fails to start).
     fn worker_log_tail<'a>(&'a self, _pool: &'a PoolContext, _node_id: &'a str, _lines: usize) -> BoxFuture<'a, Option<String>> {
         Box::pin(async { None })
+    }
+
+    /// Standalone mode: open a byte stream to the Unix socket `socket` of the worker on
+    /// `instance_id` (an SSH channel on machines). The coordinator runs the pool's QUIC session
+    /// through it. Providers that cannot reach their workers this way refuse.
+    fn open_tunnel<'a>(
+        &'a self,
+        _pool: &'a PoolContext,
+        _instance_id: &'a str,
+        _socket: &'a std::path::Path,
+    ) -> BoxFuture<'a, Result<Box<dyn TunnelIo>, ProviderError>> {
+        let provider = self.name();
+        Box::pin(async move {
+            Err(ProviderError::Invalid {
+                provider,
+                message: "this provider does not support standalone mode (hint: Options { cluster: None })".into(),
+            })
+        })
     }
 
     /// Last-resort synchronous teardown for drop and signal paths, where no runtime may be

@@ -350,6 +350,20 @@ impl Provider for Local {
         })
     }
 
+    fn open_tunnel<'a>(
+        &'a self,
+        _pool: &'a PoolContext,
+        _instance_id: &'a str,
+        socket: &'a std::path::Path,
+    ) -> BoxFuture<'a, Result<Box<dyn crate::TunnelIo>, ProviderError>> {
+        Box::pin(async move {
+            let stream = tokio::net::UnixStream::connect(socket)
+                .await
+                .map_err(|e| failed("open_tunnel", format!("cannot connect to {}: {e}", socket.display())))?;
+            Ok(Box::new(stream) as Box<dyn crate::TunnelIo>)
+        })
+    }
+
     fn emergency_teardown(&self, pool: &PoolContext) {
         let pids = self.pids(&pool.pool_id);
         for (_, pid) in &pids {

@@ -377,6 +377,19 @@ impl Session {
         Ok(())
     }
 
+    /// A byte stream to the Unix socket at `path` on the node (`direct-streamlocal`, which
+    /// sshd allows unless `AllowStreamLocalForwarding no`).
+    pub async fn open_unix_stream(&self, path: &str) -> Result<russh::ChannelStream<client::Msg>, SshError> {
+        let channel =
+            self.handle.channel_open_direct_streamlocal(path).await.map_err(|e| self.channel_error("open a channel to a socket", e))?;
+        Ok(channel.into_stream())
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
     /// Close the connection.
     pub async fn close(&self) {
         let _ = self.handle.disconnect(russh::Disconnect::ByApplication, "", "en").await;
