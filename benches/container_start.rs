@@ -4,6 +4,8 @@
 //! QUIC and receiving the executable).
 //!
 //! `cargo bench --bench container_start` (5 runs) or `-- --test` (1 run, as `.ci/run` does).
+//! `SKYWARD_BENCH_NODES=n` changes the node count; `SKYWARD_BENCH_PREBAKE=1` starts from a
+//! prebaked image (baked in the first run, which is then not counted).
 #![allow(clippy::print_stdout)]
 
 use skyward::Compute;
@@ -26,8 +28,10 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let mut ready = Vec::new();
     let mut per_node: Vec<NodeStartTimings> = Vec::new();
-    for run in 0..runs {
-        let provider = skyward::Container::default().isolated(true);
+    let prebake = std::env::var_os("SKYWARD_BENCH_PREBAKE").is_some();
+    let mut baked_image = None;
+    for run in 0..runs + usize::from(prebake) {
+        let provider = skyward::Container::default().isolated(true).prebake(prebake);
         let t = Instant::now();
         let pool = rt.block_on(Compute::new(provider.clone()).nodes(nodes).start()).expect("container pool starts");
         let elapsed = t.elapsed();
@@ -35,9 +39,17 @@ fn main() {
         rt.block_on(pool.shutdown()).expect("shutdown");
         let timings: Vec<NodeStartTimings> = provider.start_timings().into_iter().map(|(_, t)| t).collect();
         let slowest = timings.iter().map(|t| t.total).max().unwrap_or_default();
+        if prebake && run == 0 {
+            println!("bake run: {nodes} containers ready in {elapsed:?} (image baked; not counted)");
+            baked_image = timings.first().map(|t| t.image_name.clone());
+            continue;
+        }
         println!("run {run}: {nodes} containers ready in {elapsed:?} (slowest node bootstrapped in {slowest:?})");
         ready.push(elapsed);
         per_node.extend(timings);
+    }
+    if let Some(image) = baked_image {
+        let _ = std::process::Command::new("docker").args(["rmi", "-f", &image]).output();
     }
     let pick = |f: fn(&NodeStartTimings) -> Duration| median(per_node.iter().map(f).collect());
     let total = median(ready.clone());

@@ -38,6 +38,7 @@ pub(crate) fn trials() -> Vec<Trial> {
         Trial::test("container::killed_coordinator_containers_end_themselves", killed_coordinator),
         Trial::test("container::failed_bootstrap_reports_output_and_leaves_nothing", || block_on(failed_bootstrap())),
         Trial::test("container::prebaked_image_skips_bootstrap", || block_on(prebaked_image_skips_bootstrap())),
+        Trial::test("container::synced_files_reach_every_node", || block_on(synced_files_reach_every_node())),
     ]
 }
 
@@ -204,4 +205,37 @@ async fn prebaked_image_skips_bootstrap() -> anyhow::Result<()> {
     anyhow::ensure!(timings.len() == 2 && timings.iter().all(|(_, t)| !t.uploaded), "no worker upload on a prebaked image: {timings:?}");
     anyhow::ensure!(state.iter().all(|s| s == &("hello from the image".to_string(), true)), "image effects on every node: {state:?}");
     Ok(())
+}
+
+#[skyward::function]
+async fn read_synced() -> Vec<String> {
+    let root = std::path::Path::new("/var/lib/skyward/app");
+    let mut found = Vec::new();
+    for rel in ["main.py", "pkg/util.py", "notes.txt", "target/out.py"] {
+        if let Ok(text) = std::fs::read_to_string(root.join(rel)) {
+            found.push(format!("{rel}={}", text.trim()));
+        }
+    }
+    found
+}
+
+/// Files to sync reach every node, filtered by the include/exclude globs.
+async fn synced_files_reach_every_node() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("skyward-sync-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("pkg"))?;
+    std::fs::create_dir_all(dir.join("target"))?;
+    std::fs::write(dir.join("main.py"), "main")?;
+    std::fs::write(dir.join("pkg/util.py"), "util")?;
+    std::fs::write(dir.join("notes.txt"), "not included")?;
+    std::fs::write(dir.join("target/out.py"), "excluded")?;
+    let image = Image::new().sync(skyward::SyncDir::new(&dir, "app").include("*.py").exclude("target"));
+    let pool = Compute::new(container_provider()).nodes(2).image(image).options(test_options()).start().await?;
+    let id = pool.pool_id().to_string();
+    let seen: Vec<Vec<String>> = pool.broadcast(read_synced()).await?;
+    pool.shutdown().await?;
+    std::fs::remove_dir_all(&dir)?;
+    let expected = vec!["main.py=main".to_string(), "pkg/util.py=util".to_string()];
+    anyhow::ensure!(seen.iter().all(|s| s == &expected), "every node has exactly the filtered files: {seen:?}");
+    assert_nothing_left(&id).await
 }

@@ -120,6 +120,7 @@ struct PoolState {
     worker: PathBuf,
     worker_sha256: String,
     image_script: Option<(String, String)>,
+    syncs: Vec<crate::sync::PackedSync>,
     nodes: Mutex<HashMap<String, NodeRecord>>,
 }
 
@@ -331,6 +332,19 @@ impl Container {
             }
             None => None,
         };
+        let syncs = match &pool.image {
+            Some(image) if !image.syncs().is_empty() => {
+                let dirs = image.syncs().to_vec();
+                tokio::task::spawn_blocking(move || dirs.iter().map(|d| d.pack()).collect::<Result<Vec<_>, _>>())
+                    .await
+                    .map_err(|e| failed("prepare", e.to_string()))?
+                    .map_err(|e| invalid(e.to_string()))?
+            }
+            _ => Vec::new(),
+        };
+        for s in &syncs {
+            tracing::info!(remote = %s.remote, files = s.files, bytes = s.archive.len(), skipped_links = s.skipped, "files to sync");
+        }
         let base = match &self.image {
             Some(i) => i.clone(),
             None => self.ensure_base_image(pool).await?,
@@ -358,8 +372,18 @@ impl Container {
             .split_whitespace()
             .find_map(|g| g.parse::<IpAddr>().ok().filter(IpAddr::is_ipv4))
             .ok_or_else(|| failed("inspecting the pool network", format!("network {network} has no IPv4 gateway (got {gateway:?})")))?;
-        let mut state =
-            PoolState { network, created_network, gateway, key, image: base, worker, worker_sha256, image_script, nodes: Mutex::default() };
+        let mut state = PoolState {
+            network,
+            created_network,
+            gateway,
+            key,
+            image: base,
+            worker,
+            worker_sha256,
+            image_script,
+            syncs,
+            nodes: Mutex::default(),
+        };
         if self.prebake {
             state.image = self.prebaked_image(pool, &state).await?;
         }
@@ -474,6 +498,7 @@ impl Container {
                 worker_sha256,
                 worker_config: "",
                 image: image_script.map(|(s, h)| (s.as_str(), h.as_str())),
+                syncs: &[],
             };
             let installed = skyward_ssh::install(&session, &plan).await;
             session.close().await;
@@ -544,6 +569,7 @@ impl Container {
     ) -> Result<NodeStartTimings, ProviderError> {
         let (session, ssh) = self.open_session(name, &state.network, &state.key, pin).await?;
         let root = self.remote_root();
+        let syncs: Vec<(&str, &[u8])> = state.syncs.iter().map(|s| (s.remote.as_str(), s.archive.as_slice())).collect();
         let plan = BootstrapPlan {
             node: &request.node_id,
             pool_id: &pool.pool_id,
@@ -552,6 +578,7 @@ impl Container {
             worker_sha256: &state.worker_sha256,
             worker_config: request.worker_config.expose(),
             image: state.image_script.as_ref().map(|(s, h)| (s.as_str(), h.as_str())),
+            syncs: &syncs,
         };
         let result = skyward_ssh::bootstrap(&session, &plan).await;
         let t = match result {

@@ -23,6 +23,7 @@ pub struct Image {
     pip: Vec<String>,
     env: BTreeMap<String, String>,
     setup: Vec<String>,
+    syncs: Vec<crate::sync::SyncDir>,
 }
 
 /// An `Image` value that cannot be rendered safely.
@@ -41,6 +42,9 @@ pub enum ImageError {
     /// An environment variable name that a shell cannot export.
     #[error("invalid environment variable name {0:?}: use letters, digits and _, not starting with a digit")]
     EnvName(String),
+    /// A sync target that could escape its quoting or its directory.
+    #[error("invalid sync target {0:?}: no quotes, newlines or `..`")]
+    SyncTarget(String),
     /// A value with a NUL byte, which no shell string can hold.
     #[error("{what} contains a NUL byte")]
     Nul {
@@ -100,13 +104,29 @@ impl Image {
         self
     }
 
+    /// Copy a local directory (filtered by include/exclude globs) onto every node, at each
+    /// bootstrap. Not part of the image's identity: files change between runs, a prebaked image
+    /// never holds them.
+    pub fn sync(mut self, dir: crate::sync::SyncDir) -> Self {
+        self.syncs.push(dir);
+        self
+    }
+
+    /// The directories to sync.
+    pub fn syncs(&self) -> &[crate::sync::SyncDir] {
+        &self.syncs
+    }
+
     /// Whether the image asks for nothing.
     pub fn is_empty(&self) -> bool {
-        self.apt.is_empty() && self.pip.is_empty() && self.env.is_empty() && self.setup.is_empty()
+        self.apt.is_empty() && self.pip.is_empty() && self.env.is_empty() && self.setup.is_empty() && self.syncs.is_empty()
     }
 
     /// Check every value.
     pub fn validate(&self) -> Result<(), ImageError> {
+        for s in &self.syncs {
+            s.validate().map_err(|_| ImageError::SyncTarget(s.remote().to_string()))?;
+        }
         for p in &self.apt {
             check_package("apt", p)?;
         }

@@ -11,12 +11,14 @@ pub mod container;
 pub mod image;
 pub mod local;
 pub mod secret;
+pub mod sync;
 
 #[cfg(feature = "container")]
 pub use container::Container;
 pub use image::{Image, ImageError};
 pub use local::Local;
 pub use secret::Secret;
+pub use sync::SyncDir;
 
 use futures::future::BoxFuture;
 use std::fmt;

@@ -28,6 +28,8 @@ pub struct BootstrapPlan<'a> {
     pub worker_config: &'a str,
     /// The image script and its hash, when the pool has an image.
     pub image: Option<(&'a str, &'a str)>,
+    /// Tar archives to unpack: (remote directory, relative ones under `remote_root`; archive).
+    pub syncs: &'a [(&'a str, &'a [u8])],
 }
 
 impl BootstrapPlan<'_> {
@@ -80,11 +82,32 @@ fn quote_ok(s: &str) -> Result<(), String> {
     if s.is_empty() || s.contains(['\'', '\n', '\0']) { Err(format!("unsafe value {s:?}")) } else { Ok(()) }
 }
 
-/// Bootstrap one node over `session`: [`install`], then [`start_worker`].
+/// Bootstrap one node over `session`: [`install`] and [`sync_files`] concurrently, then
+/// [`start_worker`].
 pub async fn bootstrap(session: &Session, plan: &BootstrapPlan<'_>) -> Result<BootstrapTimings, BootstrapError> {
-    let mut timings = install(session, plan).await?;
+    let (installed, synced) = tokio::join!(install(session, plan), sync_files(session, plan));
+    let mut timings = installed?;
+    synced?;
     timings.start = start_worker(session, plan).await?;
     Ok(timings)
+}
+
+/// Unpack the plan's sync archives into their directories.
+pub async fn sync_files(session: &Session, plan: &BootstrapPlan<'_>) -> Result<(), BootstrapError> {
+    check_plan(plan)?;
+    for (remote, archive) in plan.syncs {
+        quote_ok(remote).map_err(|m| failure(plan, "checking the plan", m, Vec::new()))?;
+        let dir = if remote.starts_with('/') { remote.to_string() } else { format!("{}/{remote}", plan.remote_root) };
+        let command = format!("mkdir -p '{dir}' && tar -xf - -C '{dir}' --no-same-owner 2>&1");
+        let out = session
+            .exec(&command, Some(archive), TAIL_LINES, |_| {})
+            .await
+            .map_err(|e| failure(plan, "syncing files", e.to_string(), Vec::new()))?;
+        if !out.success() {
+            return Err(failure(plan, "syncing files", format!("unpacking into {dir}: {}", out.describe()), out.tail));
+        }
+    }
+    Ok(())
 }
 
 fn failure(plan: &BootstrapPlan<'_>, stage: &'static str, message: String, tail: Vec<String>) -> BootstrapError {

@@ -8,7 +8,7 @@
 mod bootstrap;
 mod key;
 
-pub use bootstrap::{BootstrapError, BootstrapPlan, BootstrapTimings, TAIL_LINES, bootstrap, install, start_worker};
+pub use bootstrap::{BootstrapError, BootstrapPlan, BootstrapTimings, TAIL_LINES, bootstrap, install, start_worker, sync_files};
 pub use key::{KEY_FILE, PoolKey};
 
 use russh::ChannelMsg;
@@ -341,7 +341,8 @@ impl Session {
         channel.exec(true, command.as_str()).await.map_err(|e| self.channel_error("exec", e))?;
         {
             let mut writer = channel.make_writer();
-            tokio::io::copy(&mut file, &mut writer).await.map_err(|e| self.channel_error("upload", e))?;
+            let mut reader = tokio::io::BufReader::with_capacity(1 << 20, &mut file);
+            tokio::io::copy_buf(&mut reader, &mut writer).await.map_err(|e| self.channel_error("upload", e))?;
             writer.flush().await.map_err(|e| self.channel_error("upload", e))?;
         }
         channel.eof().await.map_err(|e| self.channel_error("send eof", e))?;

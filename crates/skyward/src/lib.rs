@@ -32,7 +32,7 @@ pub use skyward_proto::error::{RemoteError, RemoteErrorKind, TaskError};
 pub use skyward_proto::message::{CommandExit, TaskId, WorkerFacts};
 #[cfg(feature = "container")]
 pub use skyward_provider::Container;
-pub use skyward_provider::{Image, ImageError, Local, Provider, Secret};
+pub use skyward_provider::{Image, ImageError, Local, Provider, Secret, SyncDir};
 
 /// Providers and the provider trait.
 pub mod providers {
