@@ -148,7 +148,7 @@ fn killed_coordinator() -> Result<(), libtest_mimic::Failed> {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         println!("containers ended {:?} after the coordinator was killed (instance_timeout {CONTAINER_SILENCE:?})", killed.elapsed());
-        let report = container::cleanup(Runtime::Docker, false).await?;
+        let report = container::cleanup(Runtime::Docker, false, false).await?;
         anyhow::ensure!(
             !report.containers.iter().any(|c| c.pool_id == pool_id),
             "cleanup found containers the workers should have ended: {:?}",

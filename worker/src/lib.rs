@@ -526,6 +526,8 @@ pub fn facts(config: &WorkerConfig) -> WorkerFacts {
     }
 }
 
+const TUNNEL_ARRIVED: &str = "coordinator tunnel arrived";
+
 /// Bind the standalone socket: a fresh file, mode 0600, in a directory only we can enter.
 fn bind_standalone_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
@@ -571,7 +573,11 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<ExitReason> {
                             tracing::debug!("coordinator tunnel attached");
                             attach_to.attach(stream);
                         }
-                        Err(e) => tracing::warn!(error = %e, "standalone socket accept failed"),
+                        Err(e) => {
+                            // Persistent errors (EMFILE) must not spin.
+                            tracing::warn!(error = %e, "standalone socket accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
                     }
                 }
             });
@@ -603,14 +609,17 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<ExitReason> {
                         // start over as soon as a tunnel arrives.
                         Some(t) => tokio::select! {
                             c = connecting => c.map_err(|e| e.to_string())?,
-                            _ = t.attached() => return Err("coordinator tunnel arrived; dialling through it".to_string()),
+                            _ = t.attached() => return Err(TUNNEL_ARRIVED.to_string()),
                         },
                         None => connecting.await.map_err(|e| e.to_string())?,
                     };
                     worker.serve_connection(connection).await
                 };
                 match attempt.await {
-                    Ok(()) => {}
+                    // A connection that was up: the next dial starts from the shortest pause.
+                    Ok(()) => backoff = Duration::from_millis(50),
+                    // The tunnel the handshake was waiting for is there: dial through it now.
+                    Err(reason) if reason == TUNNEL_ARRIVED => continue,
                     Err(reason) => tracing::warn!(%reason, ?backoff, "connection to coordinator ended; redialling"),
                 }
                 if worker.exit.lock().expect("exit lock").is_some() {

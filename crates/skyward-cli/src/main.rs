@@ -11,9 +11,11 @@ const USAGE: &str = "\
 usage: skyward <command> [options]
 
 commands:
-  cleanup [--dry-run] [--runtime docker|podman|nerdctl]
+  cleanup [--dry-run] [--force] [--runtime docker|podman|nerdctl]
       Remove every container and network labelled by a Skyward pool whose coordinator
-      process no longer runs. Pools whose coordinator is alive are left alone.
+      process no longer runs. Pools whose coordinator is alive are left alone; so are pools
+      whose coordinator cannot be checked from here (another machine or PID namespace)
+      unless --force is given.
   help
       Show this text.
 ";
@@ -41,11 +43,13 @@ fn usage_error(message: &str) -> ExitCode {
 
 fn cleanup(args: &[String]) -> ExitCode {
     let mut dry_run = false;
+    let mut force = false;
     let mut runtime = Runtime::Docker;
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
             "--dry-run" | "-n" => dry_run = true,
+            "--force" => force = true,
             "--runtime" => match rest.next().map(|v| v.parse::<Runtime>()) {
                 Some(Ok(r)) => runtime = r,
                 Some(Err(e)) => return usage_error(&e.to_string()),
@@ -61,7 +65,7 @@ fn cleanup(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let report = match rt.block_on(container::cleanup(runtime, dry_run)) {
+    let report = match rt.block_on(container::cleanup(runtime, dry_run, force)) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cleanup failed: {e}");
@@ -77,6 +81,9 @@ fn cleanup(args: &[String]) -> ExitCode {
     }
     for p in &report.running_pools {
         println!("kept pool {p}: its coordinator is still running");
+    }
+    for p in &report.unknown_pools {
+        println!("kept pool {p}: its coordinator runs elsewhere or cannot be checked from here (--force removes it)");
     }
     if report.containers.is_empty() && report.networks.is_empty() {
         println!("nothing left behind ({} runtime)", runtime.program());

@@ -203,7 +203,14 @@ impl Compute {
             None => std::env::current_exe().map_err(|e| StartError::Binary(format!("cannot locate this executable: {e}")))?,
         };
         let inspect = tokio::task::spawn_blocking(move || binary::inspect(&binary_path));
-        self.provider.prepare(&ctx).await?;
+        if let Err(e) = self.provider.prepare(&ctx).await {
+            // What `prepare` created before it failed (a network, a bake container) goes too.
+            if let Err(teardown) = self.provider.teardown(&ctx).await {
+                tracing::error!(error = %teardown, "teardown after a failed prepare");
+            }
+            let _ = std::fs::remove_dir_all(&ctx.state_dir);
+            return Err(e.into());
+        }
         match self.start_prepared(ctx.clone(), pool_id, inspect, started_at).await {
             Ok(pool) => Ok(pool),
             Err(e) => {

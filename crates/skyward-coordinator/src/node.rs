@@ -343,11 +343,18 @@ async fn keep_tunnel(
     loop {
         match provider.open_tunnel(&ctx, &instance_id, &socket_path).await {
             Ok(stream) => {
-                backoff = Duration::from_millis(20);
+                let opened = std::time::Instant::now();
                 let attachment = tunnel.attach(stream);
                 tracing::debug!(node = %shared.node_id, peer = %attachment.peer, "tunnel to the worker open");
                 attachment.closed().await;
                 tracing::debug!(node = %shared.node_id, "tunnel to the worker ended; re-opening");
+                if opened.elapsed() > Duration::from_secs(1) {
+                    backoff = Duration::from_millis(20);
+                } else {
+                    // Opened and ended at once: do not spin.
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
             }
             Err(e) => {
                 tracing::debug!(node = %shared.node_id, error = %e, ?backoff, "tunnel to the worker not open yet");

@@ -13,7 +13,7 @@ use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -45,7 +45,7 @@ pub struct TunnelSocket {
     peers: Mutex<Vec<Peer>>,
     recv_tx: mpsc::Sender<Datagram>,
     recv_rx: Mutex<mpsc::Receiver<Datagram>>,
-    next_port: AtomicU16,
+    next_id: AtomicU64,
     attached: Notify,
     single: bool,
 }
@@ -90,7 +90,7 @@ impl TunnelSocket {
             peers: Mutex::default(),
             recv_tx,
             recv_rx: Mutex::new(recv_rx),
-            next_port: AtomicU16::new(1),
+            next_id: AtomicU64::new(1),
             attached: Notify::new(),
             single,
         })
@@ -104,11 +104,13 @@ impl TunnelSocket {
     /// Attach `stream` as a new peer. Its reader and writer run as tasks until the stream ends,
     /// then the peer is removed.
     pub fn attach(self: &Arc<Self>, stream: impl TunnelIo) -> Attachment {
-        let port = self.next_port.fetch_add(1, Ordering::Relaxed).max(1);
-        let id = u64::from(port);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Made-up addresses; an id that no longer fits a port moves to the next loopback address.
+        let port = (id % 65_535 + 1) as u16;
+        let host = Ipv4Addr::from(u32::from(Ipv4Addr::LOCALHOST) + (id / 65_535) as u32 % 0x00ff_ffff);
         // A worker sees its one peer at the address it dialed: QUIC clients drop packets from
         // any other address.
-        let peer = if self.single { Self::coordinator_addr() } else { SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port) };
+        let peer = if self.single { Self::coordinator_addr() } else { SocketAddr::new(IpAddr::V4(host), port) };
         let (send_tx, mut send_rx) = mpsc::channel::<Vec<u8>>(PEER_QUEUE);
         {
             let mut peers = self.peers.lock().expect("tunnel peers");

@@ -418,7 +418,12 @@ impl Container {
             args.extend(["--memory", m]);
         }
         args.push(image);
-        self.cli("starting a container", &args).await.map(|_| ())
+        if let Err(e) = self.cli("starting a container", &args).await {
+            // A run that failed or timed out may still have created the container.
+            let _ = self.remove_container(name).await;
+            return Err(e);
+        }
+        Ok(())
     }
 
     async fn provision_node(&self, pool: &PoolContext, state: &PoolState, request: &ProvisionRequest) -> Result<Instance, ProviderError> {
@@ -744,26 +749,37 @@ pub struct CleanupReport {
     pub networks: Vec<TaggedNetwork>,
     /// Pools left alone because the process that owns them still runs.
     pub running_pools: Vec<String>,
+    /// Pools left alone because their owner cannot be checked from here (another machine,
+    /// another boot, another PID namespace); `force` removes them.
+    pub unknown_pools: Vec<String>,
 }
 
 /// Find everything labelled by a pool whose coordinator process no longer runs, and remove it
-/// (unless `dry_run`). Removal is confirmed by listing again.
-pub async fn cleanup(runtime: Runtime, dry_run: bool) -> Result<CleanupReport, ProviderError> {
+/// (unless `dry_run`). Pools whose owner cannot be checked from here are kept unless `force`.
+/// Removal is confirmed by listing again.
+pub async fn cleanup(runtime: Runtime, dry_run: bool, force: bool) -> Result<CleanupReport, ProviderError> {
     let containers = list_containers(runtime, None).await?;
     let networks = list_networks(runtime, None).await?;
-    let mut running: Vec<String> = containers
-        .iter()
-        .filter(|c| owner_alive(&c.owner))
-        .map(|c| c.pool_id.clone())
-        .chain(networks.iter().filter(|n| owner_alive(&n.owner)).map(|n| n.pool_id.clone()))
-        .collect();
-    running.sort();
-    running.dedup();
-    let is_running = |pool: &str| running.iter().any(|p| p == pool);
+    let owners = containers.iter().map(|c| (&c.pool_id, &c.owner)).chain(networks.iter().map(|n| (&n.pool_id, &n.owner)));
+    let (mut running, mut unknown) = (Vec::new(), Vec::new());
+    for (pool, owner) in owners {
+        match owner_state(owner) {
+            OwnerState::Alive => running.push(pool.clone()),
+            OwnerState::Unknown => unknown.push(pool.clone()),
+            OwnerState::Dead => {}
+        }
+    }
+    for list in [&mut running, &mut unknown] {
+        list.sort();
+        list.dedup();
+    }
+    unknown.retain(|p| !running.contains(p));
+    let kept = |pool: &str| running.iter().any(|p| p == pool) || (!force && unknown.iter().any(|p| p == pool));
     let report = CleanupReport {
-        containers: containers.into_iter().filter(|c| !is_running(&c.pool_id)).collect(),
-        networks: networks.into_iter().filter(|n| !is_running(&n.pool_id)).collect(),
+        containers: containers.into_iter().filter(|c| !kept(&c.pool_id)).collect(),
+        networks: networks.into_iter().filter(|n| !kept(&n.pool_id)).collect(),
         running_pools: running.clone(),
+        unknown_pools: if force { Vec::new() } else { unknown.clone() },
     };
     if dry_run {
         return Ok(report);
@@ -806,11 +822,30 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// `<pid>:<start time in clock ticks>` of this process: stable for its life, never reused with
-/// the same start time.
+/// `<hostname>:<boot id>:<pid>:<start time in clock ticks>` of this process: stable for its
+/// life, never reused by another process on the same machine and boot.
 pub fn owner_tag() -> String {
     let pid = std::process::id();
-    format!("{pid}:{}", process_start_time(pid).unwrap_or(0))
+    format!("{}:{}:{pid}:{}", machine_hostname(), boot_id(), process_start_time(pid).unwrap_or(0))
+}
+
+fn machine_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().replace(':', "_")).unwrap_or_default()
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// What can be said about the process an owner label names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnerState {
+    /// It runs.
+    Alive,
+    /// It has ended.
+    Dead,
+    /// It is on another machine, another boot, or out of sight (another PID namespace): unknown.
+    Unknown,
 }
 
 fn process_start_time(pid: u32) -> Option<u64> {
@@ -820,11 +855,31 @@ fn process_start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Whether the process an owner tag names is still running.
-pub fn owner_alive(owner: &str) -> bool {
-    let Some((pid, start)) = owner.split_once(':') else { return false };
-    let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else { return false };
-    process_start_time(pid) == Some(start)
+/// Whether the process an owner label names still runs. Anything this machine cannot check is
+/// `Unknown`, never `Dead`: cleanup must not remove a live pool.
+pub fn owner_state(owner: &str) -> OwnerState {
+    let parts: Vec<&str> = owner.split(':').collect();
+    let [host, boot, pid, start] = parts[..] else { return OwnerState::Unknown };
+    let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else { return OwnerState::Unknown };
+    if host != machine_hostname() || boot != boot_id() || host.is_empty() || boot.is_empty() {
+        return OwnerState::Unknown;
+    }
+    match process_start_time(pid) {
+        Some(s) if start != 0 => {
+            if s == start {
+                OwnerState::Alive
+            } else {
+                OwnerState::Dead
+            }
+        }
+        _ => {
+            // Not readable (hidepid, another PID namespace) or no start time recorded: ask the
+            // kernel whether the pid exists at all.
+            // SAFETY: signal 0 only checks for existence and permission.
+            let r = unsafe { libc::kill(pid as i32, 0) };
+            if r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) { OwnerState::Alive } else { OwnerState::Dead }
+        }
+    }
 }
 
 impl Provider for Container {

@@ -116,6 +116,12 @@ impl SyncDir {
                     stack.push(rel);
                 } else if file_type.is_file() {
                     if self.included(&rel) {
+                        if meta.len() >= 8 << 30 {
+                            return Err(SyncError::Local {
+                                path: entry.path(),
+                                message: "files of 8 GiB or more cannot be synced (hint: exclude it and fetch it on the node)".into(),
+                            });
+                        }
                         let data = std::fs::read(entry.path()).map_err(|e| err(&entry.path(), e))?;
                         tar.file(&rel, &meta, &data);
                         files += 1;

@@ -12,7 +12,7 @@ pub const TAIL_LINES: usize = 50;
 
 /// What to set up on one node. Remote files live under `remote_root`:
 /// `bin/skyward-worker-<hash>`, `worker.toml` (0600), `worker.log`, `image/` (script state).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BootstrapPlan<'a> {
     /// Node id (log prefix).
     pub node: &'a str,
@@ -30,6 +30,20 @@ pub struct BootstrapPlan<'a> {
     pub image: Option<(&'a str, &'a str)>,
     /// Tar archives to unpack: (remote directory, relative ones under `remote_root`; archive).
     pub syncs: &'a [(&'a str, &'a [u8])],
+}
+
+impl std::fmt::Debug for BootstrapPlan<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The configuration holds the worker's private key: never printed.
+        f.debug_struct("BootstrapPlan")
+            .field("node", &self.node)
+            .field("pool_id", &self.pool_id)
+            .field("remote_root", &self.remote_root)
+            .field("worker_binary", &self.worker_binary)
+            .field("worker_sha256", &self.worker_sha256)
+            .field("syncs", &self.syncs.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl BootstrapPlan<'_> {
@@ -134,12 +148,19 @@ pub async fn install(session: &Session, plan: &BootstrapPlan<'_>) -> Result<Boot
         let Some((script, hash)) = plan.image else { return Ok(Duration::ZERO) };
         quote_ok(hash).map_err(|m| fail("checking the plan", m, Vec::new()))?;
         let started = Instant::now();
+        // The script runs from a file with stdin closed: a setup command that reads stdin must
+        // not swallow the rest of the script.
+        let script_path = format!("{root}/image/script-{hash}.sh");
+        session
+            .write_file(&script_path, script.as_bytes(), 0o700)
+            .await
+            .map_err(|e| fail("writing the image script", e.to_string(), Vec::new()))?;
         let command = format!(
             "M='{root}/image/ready-{hash}'; if [ -e \"$M\" ]; then echo 'image already set up'; exit 0; fi; \
-             mkdir -p '{root}/image' && SKYWARD_IMAGE_DIR='{root}/image' sh -s 2>&1 && : > \"$M\""
+             SKYWARD_IMAGE_DIR='{root}/image' sh '{script_path}' < /dev/null 2>&1 && : > \"$M\""
         );
         let out = session
-            .exec(&command, Some(script.as_bytes()), TAIL_LINES, |line| tracing::info!(target: "skyward::bootstrap", %node, "{line}"))
+            .exec(&command, None, TAIL_LINES, |line| tracing::info!(target: "skyward::bootstrap", %node, "{line}"))
             .await
             .map_err(|e| fail("running the image script", e.to_string(), Vec::new()))?;
         if !out.success() {

@@ -274,34 +274,56 @@ impl Session {
 
     /// Run `command` (through the login shell), feed it `stdin`, call `on_line` for each line of
     /// its output as it arrives (stdout and stderr), and keep the last `keep` lines.
-    pub async fn exec(
+    pub async fn exec(&self, command: &str, stdin: Option<&[u8]>, keep: usize, on_line: impl FnMut(&str)) -> Result<ExecOutput, SshError> {
+        self.exec_reading(command, stdin, keep, on_line).await
+    }
+
+    /// `exec` with input from any reader. Input is written while output is read: a command that
+    /// talks before it has read all its input cannot stall the connection.
+    async fn exec_reading<R: tokio::io::AsyncRead + Unpin>(
         &self,
         command: &str,
-        stdin: Option<&[u8]>,
+        input: Option<R>,
         keep: usize,
         mut on_line: impl FnMut(&str),
     ) -> Result<ExecOutput, SshError> {
-        let mut channel = self.handle.channel_open_session().await.map_err(|e| self.channel_error("open channel", e))?;
+        let channel = self.handle.channel_open_session().await.map_err(|e| self.channel_error("open channel", e))?;
         channel.exec(true, command).await.map_err(|e| self.channel_error("exec", e))?;
-        if let Some(data) = stdin {
-            channel.data(data).await.map_err(|e| self.channel_error("send input", e))?;
-        }
-        channel.eof().await.map_err(|e| self.channel_error("send eof", e))?;
-        let mut lines = LineSplitter::new(keep);
-        let mut status = None;
-        let mut signal = None;
-        while let Some(msg) = channel.wait().await {
-            match msg {
-                ChannelMsg::Data { data } => lines.push(&data, &mut on_line),
-                ChannelMsg::ExtendedData { data, .. } => lines.push(&data, &mut on_line),
-                ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
-                ChannelMsg::ExitSignal { signal_name, .. } => signal = Some(format!("{signal_name:?}")),
-                ChannelMsg::Close => break,
-                _ => {}
+        let (mut read_half, write_half) = channel.split();
+        let writer = async {
+            if let Some(input) = input {
+                let mut writer = write_half.make_writer();
+                // Large writes: russh's channel writer moves 1 MiB far faster than small chunks.
+                let mut reader = tokio::io::BufReader::with_capacity(1 << 20, input);
+                tokio::io::copy_buf(&mut reader, &mut writer).await.map_err(|e| self.channel_error("send input", e))?;
+                writer.flush().await.map_err(|e| self.channel_error("send input", e))?;
             }
+            write_half.eof().await.map_err(|e| self.channel_error("send eof", e))
+        };
+        let reader = async {
+            let mut lines = LineSplitter::new(keep);
+            let mut status = None;
+            let mut signal = None;
+            while let Some(msg) = read_half.wait().await {
+                match msg {
+                    ChannelMsg::Data { data } => lines.push(&data, &mut on_line),
+                    ChannelMsg::ExtendedData { data, .. } => lines.push(&data, &mut on_line),
+                    ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+                    ChannelMsg::ExitSignal { signal_name, .. } => signal = Some(format!("{signal_name:?}")),
+                    ChannelMsg::Close => break,
+                    _ => {}
+                }
+            }
+            lines.finish(&mut on_line);
+            ExecOutput { status, signal, tail: lines.tail.into() }
+        };
+        let (written, output) = tokio::join!(writer, reader);
+        // A command that exits before reading all its input makes the write fail: its exit
+        // status and output say more than the broken write.
+        if output.status.is_none() && output.signal.is_none() {
+            written?;
         }
-        lines.finish(&mut on_line);
-        Ok(ExecOutput { status, signal, tail: lines.tail.into() })
+        Ok(output)
     }
 
     /// Run `command` and return its whole output; fails unless it exits with status 0.
@@ -337,29 +359,9 @@ impl Session {
              if ! echo '{sha256_hex}  {part}' | sha256sum -c --status; then rm -f '{part}'; echo 'checksum mismatch after upload' >&2; exit 3; fi; \
              chmod {mode:o} '{part}'; mv -f '{part}' '{remote}'"
         );
-        let mut channel = self.handle.channel_open_session().await.map_err(|e| self.channel_error("open channel", e))?;
-        channel.exec(true, command.as_str()).await.map_err(|e| self.channel_error("exec", e))?;
-        {
-            let mut writer = channel.make_writer();
-            let mut reader = tokio::io::BufReader::with_capacity(1 << 20, &mut file);
-            tokio::io::copy_buf(&mut reader, &mut writer).await.map_err(|e| self.channel_error("upload", e))?;
-            writer.flush().await.map_err(|e| self.channel_error("upload", e))?;
-        }
-        channel.eof().await.map_err(|e| self.channel_error("send eof", e))?;
-        let mut lines = LineSplitter::new(20);
-        let mut status = None;
-        while let Some(msg) = channel.wait().await {
-            match msg {
-                ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. } => lines.push(&data, &mut |_| {}),
-                ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
-                ChannelMsg::Close => break,
-                _ => {}
-            }
-        }
-        lines.finish(&mut |_| {});
-        if status != Some(0) {
-            let tail: Vec<String> = lines.tail.into();
-            return Err(self.channel_error("upload", format!("writing {remote} failed: {}", tail.join("\n"))));
+        let out = self.exec_reading(&command, Some(&mut file), 20, |_| {}).await?;
+        if !out.success() {
+            return Err(self.channel_error("upload", format!("writing {remote} failed ({}): {}", out.describe(), out.tail.join("\n"))));
         }
         Ok(true)
     }
@@ -369,7 +371,7 @@ impl Session {
     pub async fn write_file(&self, remote: &str, contents: &[u8], mode: u32) -> Result<(), SshError> {
         check_remote_path(remote).map_err(|m| self.channel_error("write file", m))?;
         let command = format!(
-            "set -e; mkdir -p \"$(dirname '{remote}')\"; umask 077; cat > '{remote}.tmp'; chmod {mode:o} '{remote}.tmp'; mv -f '{remote}.tmp' '{remote}'"
+            "set -e; mkdir -p \"$(dirname '{remote}')\"; umask 077; rm -f '{remote}.tmp'; cat > '{remote}.tmp'; chmod {mode:o} '{remote}.tmp'; mv -f '{remote}.tmp' '{remote}'"
         );
         let out = self.exec(&command, Some(contents), 20, |_| {}).await?;
         if !out.success() {
