@@ -219,7 +219,8 @@ async fn read_synced() -> Vec<String> {
     found
 }
 
-/// Files to sync reach every node, filtered by the include/exclude globs.
+/// Files to sync reach every node, filtered by the include/exclude globs; CPU and memory limits
+/// reach the containers.
 async fn synced_files_reach_every_node() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("skyward-sync-e2e-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -230,9 +231,18 @@ async fn synced_files_reach_every_node() -> anyhow::Result<()> {
     std::fs::write(dir.join("notes.txt"), "not included")?;
     std::fs::write(dir.join("target/out.py"), "excluded")?;
     let image = Image::new().sync(skyward::SyncDir::new(&dir, "app").include("*.py").exclude("target"));
-    let pool = Compute::new(container_provider()).nodes(2).image(image).options(test_options()).start().await?;
+    let provider = container_provider().cpus(1.5).memory_mb(768);
+    let pool = Compute::new(provider).nodes(2).image(image).options(test_options()).start().await?;
     let id = pool.pool_id().to_string();
     let seen: Vec<Vec<String>> = pool.broadcast(read_synced()).await?;
+    for name in leftovers(&id).await?.0 {
+        let out = tokio::process::Command::new("docker")
+            .args(["inspect", "--format", "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}}", &name])
+            .output()
+            .await?;
+        let limits = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        anyhow::ensure!(limits == format!("1500000000 {}", 768u64 << 20), "limits of {name}: {limits}");
+    }
     pool.shutdown().await?;
     std::fs::remove_dir_all(&dir)?;
     let expected = vec!["main.py=main".to_string(), "pkg/util.py=util".to_string()];
