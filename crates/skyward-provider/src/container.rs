@@ -635,11 +635,6 @@ impl Container {
             Err(e) => Err(e),
         }
     }
-
-    /// Remove a container by name (gone already counts as removed).
-    pub async fn remove(&self, name: &str) -> Result<(), ProviderError> {
-        self.remove_container(name).await
-    }
 }
 
 /// One `docker run`.
