@@ -1,9 +1,7 @@
 //! The executable shipped to nodes: its hash (the cache key on every node) and its ELF facts.
 
-use sha2::{Digest, Sha256};
 use skyward_function::elf::{self, BinaryFacts};
 use skyward_proto::message::BinaryHash;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// An executable ready to ship.
@@ -38,17 +36,6 @@ pub(crate) fn inspect(path: &Path) -> Result<ShippedBinary, String> {
 
 fn hash_and_inspect(path: &Path) -> Result<ShippedBinary, String> {
     let facts = elf::inspect_file(path).map_err(|e| format!("cannot ship {}: {e}", path.display()))?;
-    let mut file = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = file.read(&mut buf).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        len += n as u64;
-    }
-    Ok(ShippedBinary { path: path.to_path_buf(), hash: BinaryHash(hasher.finalize().into()), len, facts })
+    let (hash, len) = skyward_provider::sha256_file(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(ShippedBinary { path: path.to_path_buf(), hash: BinaryHash(hash), len, facts })
 }

@@ -51,10 +51,6 @@ fn transport_config(idle_timeout: Duration, tunnel: bool) -> quinn::TransportCon
     transport
 }
 
-fn tunnel_endpoint_config() -> quinn::EndpointConfig {
-    quinn::EndpointConfig::default()
-}
-
 fn server_config(ca: &CertBundle, server: &CertBundle, idle_timeout: Duration, tunnel: bool) -> Result<quinn::ServerConfig, TlsError> {
     install_crypto_provider();
     let tls = tls::server_tls(ca, server)?;
@@ -92,7 +88,7 @@ pub fn server_endpoint_tunnel(
     idle_timeout: Duration,
 ) -> Result<quinn::Endpoint, TlsError> {
     let config = server_config(ca, server, idle_timeout, true)?;
-    quinn::Endpoint::new_with_abstract_socket(tunnel_endpoint_config(), Some(config), socket, Arc::new(quinn::TokioRuntime))
+    quinn::Endpoint::new_with_abstract_socket(quinn::EndpointConfig::default(), Some(config), socket, Arc::new(quinn::TokioRuntime))
         .map_err(TlsError::Bind)
 }
 
@@ -112,8 +108,9 @@ pub fn client_endpoint_tunnel(
     client: &CertBundle,
     idle_timeout: Duration,
 ) -> Result<quinn::Endpoint, TlsError> {
-    let mut endpoint = quinn::Endpoint::new_with_abstract_socket(tunnel_endpoint_config(), None, socket, Arc::new(quinn::TokioRuntime))
-        .map_err(TlsError::Bind)?;
+    let mut endpoint =
+        quinn::Endpoint::new_with_abstract_socket(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
+            .map_err(TlsError::Bind)?;
     endpoint.set_default_client_config(client_config(ca_cert_pem, client, idle_timeout, true)?);
     Ok(endpoint)
 }

@@ -319,7 +319,7 @@ impl Container {
         let worker = self.resolve_worker()?;
         let worker_sha256 = {
             let path = worker.clone();
-            tokio::task::spawn_blocking(move || sha256_file(&path))
+            tokio::task::spawn_blocking(move || crate::sha256_file(&path).map(|(hash, _)| crate::hex(&hash)))
                 .await
                 .map_err(|e| failed("prepare", e.to_string()))?
                 .map_err(|e| failed("prepare", format!("cannot read {}: {e}", worker.display())))?
@@ -484,7 +484,7 @@ impl Container {
         let base_id = self.cli("inspecting the base image", &["image", "inspect", "--format", "{{.Id}}", base]).await?;
         let identity =
             format!("{}|{}|{}|{}", base_id.trim(), image_script.map(|(_, h)| h.as_str()).unwrap_or(""), worker_sha256, self.remote_root());
-        let tag = format!("skyward-prebaked:{}", &hex_sha256(identity.as_bytes())[..16]);
+        let tag = format!("skyward-prebaked:{}", &crate::hex(&Sha256::digest(identity.as_bytes()))[..16]);
         if self.cli("inspecting the prebaked image", &["image", "inspect", "--format", "{{.Id}}", &tag]).await.is_ok() {
             tracing::info!(image = %tag, "using the prebaked image");
             return Ok(tag);
@@ -796,25 +796,6 @@ pub async fn cleanup(runtime: Runtime, dry_run: bool, force: bool) -> Result<Cle
         return Err(ProviderError::Leaked { provider: NAME, instance: name.clone(), message: "still listed after cleanup".into() });
     }
     Ok(report)
-}
-
-fn hex_sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn sha256_file(path: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// `<hostname>:<boot id>:<pid>:<start time in clock ticks>` of this process: stable for its

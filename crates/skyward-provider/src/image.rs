@@ -195,7 +195,7 @@ impl Image {
             let _ = writeln!(s, "fi");
         }
         for command in &self.setup {
-            let id = hex(&Sha256::digest(command.as_bytes()))[..16].to_string();
+            let id = crate::hex(&Sha256::digest(command.as_bytes()))[..16].to_string();
             let _ = writeln!(s, "\n# setup {id}");
             let _ = writeln!(s, "if [ ! -e \"$SKYWARD_IMAGE_DIR/done/{id}\" ]; then");
             let _ = writeln!(s, "  sh -c {}", shell_quote(command));
@@ -207,12 +207,8 @@ impl Image {
 
     /// The image's identity: SHA-256 of its script, hex. The cache key of a prebaked image.
     pub fn hash(&self) -> Result<String, ImageError> {
-        Ok(hex(&Sha256::digest(self.render()?.as_bytes())))
+        Ok(crate::hex(&Sha256::digest(self.render()?.as_bytes())))
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -23,6 +23,30 @@ pub use sync::SyncDir;
 use futures::future::BoxFuture;
 use std::fmt;
 
+/// SHA-256 of the file at `path`, read in 1 MiB pieces, and its length.
+pub fn sha256_file(path: &std::path::Path) -> std::io::Result<([u8; 32], u64)> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+    Ok((hasher.finalize().into(), len))
+}
+
+/// Lower-case hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// File name of a standalone worker's socket in its `WorkerLayout::state_dir`.
 pub const STANDALONE_SOCKET: &str = "standalone.sock";
 
