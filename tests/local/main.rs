@@ -6,6 +6,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod support;
+mod tests_cluster;
 mod tests_container;
 mod tests_dispatch;
 mod tests_failures;
@@ -21,6 +22,7 @@ fn main() {
     }
     let args = Arguments::from_args();
     let mut trials: Vec<Trial> = Vec::new();
+    trials.extend(tests_cluster::trials());
     trials.extend(tests_container::trials());
     trials.extend(tests_dispatch::trials());
     trials.extend(tests_failures::trials());

@@ -35,8 +35,12 @@ struct Running {
     alive: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// Handles a task's collection operation: `(request id, encoded op, the executor's socket)`.
+pub type ClusterHook = Arc<dyn Fn(u64, Vec<u8>, UnixFrameWriter) + Send + Sync>;
+
 /// Starts and reuses executors for the binaries in the cache.
 pub struct Executors {
+    cluster: ClusterHook,
     cache_dir: PathBuf,
     state_dir: PathBuf,
     next_call: AtomicU64,
@@ -100,9 +104,17 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
 }
 
 impl Executors {
-    /// Executors for binaries in `cache_dir`, sockets in `state_dir`.
-    pub fn new(cache_dir: PathBuf, state_dir: PathBuf) -> Self {
-        Self { cache_dir, state_dir, next_call: AtomicU64::new(1), running: AsyncMutex::new(HashMap::new()), generation: AtomicU64::new(0) }
+    /// Executors for binaries in `cache_dir`, sockets in `state_dir`; tasks' collection calls go
+    /// to `cluster`.
+    pub fn new(cache_dir: PathBuf, state_dir: PathBuf, cluster: ClusterHook) -> Self {
+        Self {
+            cluster,
+            cache_dir,
+            state_dir,
+            next_call: AtomicU64::new(1),
+            running: AsyncMutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+        }
     }
 
     /// Start a call of `name` in the executor of `hash`, starting the executor if needed.
@@ -170,6 +182,8 @@ impl Executors {
         let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let reader_waiters = Arc::clone(&waiters);
         let reader_alive = Arc::clone(&alive);
+        let cluster = Arc::clone(&self.cluster);
+        let reply_tx = tx.clone();
         tokio::spawn(async move {
             let mut decoder = FrameDecoder::new(codec::DEFAULT_MAX_FRAME);
             let mut chunk = vec![0u8; 64 * 1024];
@@ -194,6 +208,7 @@ impl Executors {
                                 let _ = w.send(CallEvent::Item(payload));
                             }
                         }
+                        Ok(Some(FromExecutor::Cluster { id, op })) => cluster(id, op, reply_tx.clone()),
                         Ok(Some(FromExecutor::Done { id, result })) => {
                             if let Some(w) = reader_waiters.lock().expect("waiters").remove(&id) {
                                 let _ = w.send(CallEvent::Done(result.map(|b| b.into_vec())));

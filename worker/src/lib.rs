@@ -13,6 +13,7 @@
 //! Architecture invariant: the worker never links user code; user functions run in a separate
 //! executor process, so a crash there cannot take the worker down.
 
+mod cluster;
 pub mod command;
 pub mod config;
 pub mod executor;
@@ -84,6 +85,8 @@ struct Worker {
     epoch: Instant,
     core: Mutex<Core>,
     executors: Executors,
+    /// Cluster mode: this node's part in the worker cluster.
+    cluster: Option<Arc<cluster::Cluster>>,
     exit: Mutex<Option<ExitReason>>,
     exit_notify: Notify,
     wake_timer: Notify,
@@ -158,6 +161,19 @@ impl Worker {
                 core.session.binary_status(hash, present);
             }
             WorkerEvent::Shutdown => self.finish_exit(ExitReason::Shutdown),
+            WorkerEvent::ClusterView(view) => match (&self.cluster, core.control.clone()) {
+                (Some(cluster), Some(control)) => cluster.on_view(view, Arc::new(move |m: ToCoordinator| control.send(m))),
+                (Some(_), None) => tracing::warn!("cluster view without a control stream; ignored"),
+                (None, _) => tracing::warn!("cluster view received in standalone mode; ignored"),
+            },
+            WorkerEvent::ClusterRequest { id, op } => {
+                let Some(control) = core.control.clone() else { return };
+                let reply = move |m: ToCoordinator| control.send(m);
+                match &self.cluster {
+                    Some(cluster) => cluster.submit(&op, cluster::Origin::Coordinator(id, Arc::new(reply))),
+                    None => reply(ToCoordinator::ClusterReply { id, result: Err(skyward_proto::cluster::ClusterError::Standalone) }),
+                }
+            }
             WorkerEvent::CoordinatorSilent { silent_for } => {
                 tracing::error!(?silent_for, "coordinator silent longer than instance_timeout; ending this machine");
                 self.finish_exit(ExitReason::CoordinatorSilent(silent_for));
@@ -558,7 +574,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<ExitReason> {
         Duration::ZERO,
     );
     let (endpoint, tunnel) = match &config.standalone_socket {
-        None => (skyward_net::client_endpoint(&config.ca_cert_pem, &config.cert, Duration::from_secs(10))?, None),
+        None => (skyward_net::worker_endpoint(&config.ca_cert_pem, &config.cert, Duration::from_secs(10))?, None),
         Some(path) => {
             let socket = skyward_net::TunnelSocket::single("127.0.0.3:1".parse().expect("static address"));
             let endpoint =
@@ -584,8 +600,22 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<ExitReason> {
             (endpoint, Some(socket))
         }
     };
+    // Cluster mode: the same endpoint accepts peers, so the address the coordinator sees is the
+    // one peers dial.
+    let cluster = tunnel.is_none().then(|| cluster::Cluster::new(config.node_id.clone(), endpoint.clone(), config.max_frame));
+    let hook: executor::ClusterHook = match &cluster {
+        Some(cluster) => {
+            let cluster = Arc::clone(cluster);
+            Arc::new(move |id, op, tx| cluster.submit(&op, cluster::Origin::Executor(id, tx)))
+        }
+        None => Arc::new(|id, _op, tx: skyward_net::UnixFrameWriter| {
+            let _ = tx
+                .send(&skyward_proto::exec::ToExecutor::ClusterReply { id, result: Err(skyward_proto::cluster::ClusterError::Standalone) });
+        }),
+    };
     let worker = Arc::new(Worker {
-        executors: Executors::new(config.cache_dir.clone(), config.state_dir.clone()),
+        executors: Executors::new(config.cache_dir.clone(), config.state_dir.clone(), hook),
+        cluster,
         config,
         epoch,
         core: Mutex::new(Core { session, task_sinks: HashMap::new(), control: None, runners: HashMap::new() }),
@@ -637,6 +667,9 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<ExitReason> {
         if let Some(reason) = exit {
             timer.abort();
             connector.abort();
+            if let Some(cluster) = &worker.cluster {
+                cluster.close();
+            }
             worker.executors.shutdown().await;
             endpoint.close(0u32.into(), b"worker exiting");
             if matches!(reason, ExitReason::CoordinatorSilent(_)) {

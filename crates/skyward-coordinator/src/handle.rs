@@ -5,7 +5,9 @@ use crate::pool::{PoolMsg, PoolShared};
 use crate::task_manager::{Done, Placement, TaskRequest, TaskStats, TmMsg};
 use futures::Stream;
 use ractor::ActorRef;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
+use skyward_function::collections;
 use skyward_function::{Call, StreamCall};
 use skyward_proto::codec;
 use skyward_proto::error::{RemoteError, TaskError};
@@ -214,6 +216,65 @@ impl Pool {
         let shared = &self.inner.shared;
         let cert = shared.ca.issue_worker(node_id).expect("issue certificate");
         (shared.server_addr, shared.ca.cert().cert_pem.clone(), cert)
+    }
+
+    fn cluster_transport(&self) -> Arc<dyn skyward_function::collections::Transport> {
+        Arc::new(crate::cluster::CoordinatorTransport(Arc::clone(&self.inner.shared.cluster)))
+    }
+
+    /// The worker cluster's dict `name` (created on first write). The same collection a task
+    /// reaches with `skyward::dict(name)`. Cluster mode only: in standalone mode every call fails
+    /// with [`ClusterError::Standalone`](skyward_function::collections::ClusterError::Standalone).
+    pub fn dict<K: Serialize, V: Serialize + DeserializeOwned>(&self, name: &str) -> collections::Dict<K, V> {
+        collections::Dict::with_transport(name, self.cluster_transport())
+    }
+
+    /// The worker cluster's set `name`.
+    pub fn set<T: Serialize>(&self, name: &str) -> collections::Set<T> {
+        collections::Set::with_transport(name, self.cluster_transport())
+    }
+
+    /// The worker cluster's counter `name`.
+    pub fn counter(&self, name: &str) -> collections::Counter {
+        collections::Counter::with_transport(name, self.cluster_transport())
+    }
+
+    /// The worker cluster's queue `name`.
+    pub fn queue<T: Serialize + DeserializeOwned>(&self, name: &str) -> collections::Queue<T> {
+        collections::Queue::with_transport(name, self.cluster_transport())
+    }
+
+    /// The worker cluster's barrier `name` for `parties` callers (the coordinator may be one).
+    pub fn barrier(&self, name: &str, parties: u32) -> collections::Barrier {
+        collections::Barrier::with_transport(name, parties, self.cluster_transport())
+    }
+
+    /// The worker cluster's lock `name`.
+    pub fn lock(&self, name: &str) -> collections::Lock {
+        collections::Lock::with_transport(name, self.cluster_transport())
+    }
+
+    /// Membership changes of the worker cluster from now on (joins and departures).
+    pub fn cluster_events(&self) -> tokio::sync::broadcast::Receiver<crate::ClusterEvent> {
+        self.inner.shared.cluster.subscribe()
+    }
+
+    /// Send raw bytes as a collection operation to node `rank`. For tests of bad input only.
+    #[doc(hidden)]
+    pub async fn __cluster_raw_request(&self, rank: u32, op: Vec<u8>) -> Result<skyward_proto::cluster::Reply, collections::ClusterError> {
+        self.inner.shared.cluster.raw_request(rank, op).await
+    }
+
+    /// Wait until every collection cell has its two copies again (after a node joined or was
+    /// lost, primaries copy their slots to new backups: milliseconds for small data). A second
+    /// node lost before that can lose the cells the first loss left with a single copy.
+    pub async fn wait_cluster_replicated(&self, timeout: Duration) -> Result<(), collections::ClusterError> {
+        self.inner.shared.cluster.wait_replicated(timeout).await
+    }
+
+    /// Current members of the worker cluster: `(rank, node id)`; empty in standalone mode.
+    pub fn cluster_members(&self) -> Vec<(u32, String)> {
+        self.inner.shared.cluster.members()
     }
 
     /// Task counters.

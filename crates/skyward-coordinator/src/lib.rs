@@ -10,12 +10,14 @@
 //! the provider's synchronous `emergency_teardown`).
 
 mod binary;
+mod cluster;
 mod handle;
 mod node;
 mod pool;
 mod provisioner;
 mod task_manager;
 
+pub use cluster::ClusterEvent;
 pub use handle::{Command, CommandOutput, Dispatch, Error, JoinCalls, Pool, TaskHandle, TaskStream};
 pub use node::OutputLine;
 pub use task_manager::{Placement, TaskStats};
@@ -259,6 +261,7 @@ impl Compute {
             options: self.options.clone(),
             concurrency: self.worker.concurrency,
             binary,
+            cluster: cluster::ClusterShared::new(tunnel.is_none()),
             tunnel,
         });
         let acceptor = tokio::spawn(pool::accept_loop(endpoint.clone(), Arc::clone(&shared)));

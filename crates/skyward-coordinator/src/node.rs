@@ -75,6 +75,8 @@ pub(crate) struct NodeShared {
     next_lane: std::sync::atomic::AtomicUsize,
     /// Set once the worker has connected (stops the boot watcher).
     connected: std::sync::atomic::AtomicBool,
+    /// Where answers to the coordinator's collection calls go.
+    cluster: Arc<crate::cluster::ClusterShared>,
 }
 
 /// Lanes per connection. Small unary tasks share these streams instead of opening one stream
@@ -126,11 +128,11 @@ impl NodeShared {
         self.epoch.elapsed()
     }
 
-    fn send_control(&self, messages: impl IntoIterator<Item = ToWorker>) {
-        if let Some(tx) = self.control.lock().expect("control lock").as_ref() {
-            for m in messages {
-                let _ = tx.send(m);
-            }
+    /// Queue messages on the control stream; `false` when the node has no connection right now.
+    pub(crate) fn send_control(&self, messages: impl IntoIterator<Item = ToWorker>) -> bool {
+        match self.control.lock().expect("control lock").as_ref() {
+            Some(tx) => messages.into_iter().all(|m| tx.send(m).is_ok()),
+            None => false,
         }
     }
 
@@ -179,6 +181,8 @@ impl NodeShared {
                     }
                 }
                 NodeEvent::Joined { .. } => {}
+                NodeEvent::ClusterReply { id, result } => self.cluster.on_reply(id, result),
+                NodeEvent::ClusterSynced { epoch } => self.cluster.on_synced(self.rank, epoch),
             }
         }
     }
@@ -411,6 +415,8 @@ pub(crate) struct NodeStateData {
     state: NodeState,
     facts: Option<WorkerFacts>,
     address: String,
+    /// `ip:port` of the worker's endpoint as seen from here: where its peers dial it.
+    cluster_addr: String,
     timer: Option<tokio::task::JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     upload_timeout: Duration,
@@ -425,6 +431,7 @@ pub(crate) fn new_shared(
     epoch: Instant,
     tm: ActorRef<TmMsg>,
     max_frame: usize,
+    cluster: Arc<crate::cluster::ClusterShared>,
 ) -> Arc<NodeShared> {
     Arc::new(NodeShared {
         rank,
@@ -441,6 +448,7 @@ pub(crate) fn new_shared(
         lanes: Mutex::new(Vec::new()),
         next_lane: std::sync::atomic::AtomicUsize::new(0),
         connected: std::sync::atomic::AtomicBool::new(false),
+        cluster,
     })
 }
 
@@ -515,6 +523,7 @@ impl Actor for Node {
             state: NodeState::Requested,
             facts: None,
             address: "127.0.0.1".into(),
+            cluster_addr: String::new(),
             timer: None,
             tasks: Vec::new(),
             upload_timeout: args.upload_timeout,
@@ -592,6 +601,7 @@ impl Actor for Node {
                     return Ok(());
                 }
                 state.address = connection.remote_address().ip().to_string();
+                state.cluster_addr = connection.remote_address().to_string();
                 state.tasks.push(tokio::spawn(open_lanes(Arc::clone(&shared), connection.clone())));
                 // Control stream reader: everything not on a task stream.
                 let reader_shared = Arc::clone(&shared);
@@ -671,6 +681,7 @@ impl Actor for Node {
                         accelerators: facts.accelerators.clone(),
                         shared: Arc::clone(&shared),
                     };
+                    shared.cluster.node_ready(shared.rank, shared.node_id.clone(), state.cluster_addr.clone(), Arc::clone(&shared));
                     let _ = shared.tm.cast(TmMsg::NodeReady { node: handle });
                     let _ = state.pool.cast(PoolMsg::NodeReady { rank: shared.rank, facts });
                 }

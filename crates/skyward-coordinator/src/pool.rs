@@ -41,6 +41,8 @@ pub(crate) struct PoolShared {
     pub(crate) binary: Arc<ShippedBinary>,
     /// Standalone mode: the socket every worker's tunnel is attached to.
     pub(crate) tunnel: Option<Arc<skyward_net::TunnelSocket>>,
+    /// The worker cluster's membership and placement (disabled in standalone mode).
+    pub(crate) cluster: Arc<crate::cluster::ClusterShared>,
 }
 
 /// Messages of the Pool actor.
@@ -108,7 +110,10 @@ impl PoolState {
         let answer = if let Some(e) = &self.start_error {
             Err(e.clone())
         } else if let Some(facts) = self.ready_facts() {
-            self.started = true;
+            if !self.started {
+                self.started = true;
+                self.shared.cluster.place();
+            }
             Ok(facts)
         } else {
             return;
@@ -137,8 +142,15 @@ impl PoolState {
         );
         let layout = shared.provider.worker_layout(&shared.ctx, &node_id);
         let standalone_socket = shared.tunnel.as_ref().map(|_| layout.state_dir.join(skyward_provider::STANDALONE_SOCKET));
-        let node_shared: Arc<NodeShared> =
-            node::new_shared(node_id.clone(), rank, session, shared.epoch, self.tm.clone(), shared.options.max_frame);
+        let node_shared: Arc<NodeShared> = node::new_shared(
+            node_id.clone(),
+            rank,
+            session,
+            shared.epoch,
+            self.tm.clone(),
+            shared.options.max_frame,
+            Arc::clone(&shared.cluster),
+        );
         let (actor, _) = Actor::spawn_linked(
             Some(format!("node-{node_id}")),
             Node,
@@ -180,6 +192,7 @@ impl PoolState {
 
     async fn replace(&mut self, myself: &ActorRef<PoolMsg>, rank: u32, why: &str) -> Result<(), ActorProcessingErr> {
         let Some(old) = self.nodes.remove(&rank) else { return Ok(()) };
+        self.shared.cluster.node_left(rank, &old.node_id, why);
         // The task manager must stop using the old node whatever the reason (lost, failed, actor
         // crash); its tasks go back in line. A second notice for the same loss is harmless.
         let _ = self.tm.cast(TmMsg::NodeLost { rank, in_flight: Vec::new() });

@@ -38,7 +38,13 @@ pub(crate) struct ProvisionerState {
     provider: Arc<dyn Provider>,
     ctx: PoolContext,
     pool: ActorRef<PoolMsg>,
+    /// Provision calls still running: teardown waits for them, so a machine being created while
+    /// the pool shuts down is not missed.
+    in_flight: Vec<tokio::task::JoinHandle<()>>,
 }
+
+/// How long teardown waits for provision calls in flight before it lists and removes.
+const PROVISION_DRAIN: std::time::Duration = std::time::Duration::from_secs(40);
 
 impl Actor for Provisioner {
     type Msg = ProvisionerMsg;
@@ -46,7 +52,7 @@ impl Actor for Provisioner {
     type Arguments = ProvisionerArgs;
 
     async fn pre_start(&self, _myself: ActorRef<ProvisionerMsg>, args: ProvisionerArgs) -> Result<ProvisionerState, ActorProcessingErr> {
-        Ok(ProvisionerState { provider: args.provider, ctx: args.ctx, pool: args.pool })
+        Ok(ProvisionerState { provider: args.provider, ctx: args.ctx, pool: args.pool, in_flight: Vec::new() })
     }
 
     async fn handle(
@@ -60,11 +66,12 @@ impl Actor for Provisioner {
                 let provider = Arc::clone(&state.provider);
                 let ctx = state.ctx.clone();
                 let pool = state.pool.clone();
-                tokio::spawn(async move {
+                state.in_flight.retain(|h| !h.is_finished());
+                state.in_flight.push(tokio::spawn(async move {
                     let node_id = request.node_id.clone();
                     let result = provider.provision(&ctx, request).await.map(|i| i.id).map_err(|e| e.to_string());
                     let _ = pool.cast(PoolMsg::Provisioned { rank, node_id, result });
-                });
+                }));
             }
             ProvisionerMsg::Terminate { instance_id } => {
                 let provider = Arc::clone(&state.provider);
@@ -76,6 +83,10 @@ impl Actor for Provisioner {
                 });
             }
             ProvisionerMsg::Teardown(reply) => {
+                let in_flight = std::mem::take(&mut state.in_flight);
+                if tokio::time::timeout(PROVISION_DRAIN, futures::future::join_all(in_flight)).await.is_err() {
+                    tracing::warn!("provision calls still running after {PROVISION_DRAIN:?}; tearing down anyway");
+                }
                 let result: Result<(), ProviderError> = state.provider.teardown(&state.ctx).await;
                 let _ = reply.send(result.map_err(|e| e.to_string()));
             }

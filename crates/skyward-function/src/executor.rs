@@ -76,6 +76,45 @@ pub enum ExecutorError {
 
 type Calls = Arc<Mutex<HashMap<u64, (tokio::task::AbortHandle, Option<Arc<Semaphore>>)>>>;
 
+type ClusterAnswer = Result<skyward_proto::cluster::Reply, skyward_proto::cluster::ClusterError>;
+
+/// Collection operations of this executor's tasks, sent to the worker on the executor socket.
+struct ExecutorTransport {
+    tx: skyward_net::UnixFrameWriter,
+    next: std::sync::atomic::AtomicU64,
+    pending: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<ClusterAnswer>>>,
+}
+
+static TRANSPORT: Mutex<Option<Arc<ExecutorTransport>>> = Mutex::new(None);
+
+/// The transport of this executor, if this process is one.
+pub(crate) fn cluster_transport() -> Option<Arc<dyn crate::collections::Transport>> {
+    TRANSPORT.lock().expect("transport lock").clone().map(|t| t as Arc<dyn crate::collections::Transport>)
+}
+
+impl crate::collections::Transport for ExecutorTransport {
+    fn request(&self, op: skyward_proto::cluster::Op) -> futures::future::BoxFuture<'static, ClusterAnswer> {
+        use skyward_proto::cluster::ClusterError;
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = codec::to_bytes(&op).map_err(|e| ClusterError::Transport(e.to_string())).and_then(|op| {
+            self.pending.lock().expect("pending lock").insert(id, tx);
+            self.tx.send(&FromExecutor::Cluster { id, op }).map_err(|_| ClusterError::Transport("the worker socket is closed".into()))
+        });
+        if sent.is_err() {
+            self.pending.lock().expect("pending lock").remove(&id);
+        }
+        Box::pin(async move {
+            sent?;
+            rx.await.unwrap_or_else(|_| Err(ClusterError::Transport("the worker closed the executor socket before answering".into())))
+        })
+    }
+
+    fn rank(&self) -> Option<u32> {
+        context::try_instance_info().map(|i| i.rank)
+    }
+}
+
 /// Serve calls on the socket at `path` until the worker closes it.
 pub async fn serve(path: &str) -> Result<(), ExecutorError> {
     install_panic_hook();
@@ -84,6 +123,8 @@ pub async fn serve(path: &str) -> Result<(), ExecutorError> {
     let tx = skyward_net::UnixFrameWriter::new(writer);
     let functions = u32::try_from(crate::FUNCTIONS.len()).unwrap_or(u32::MAX);
     let _ = tx.send(&FromExecutor::Ready { pid: std::process::id(), functions });
+    let transport = Arc::new(ExecutorTransport { tx: tx.clone(), next: std::sync::atomic::AtomicU64::new(1), pending: Mutex::default() });
+    *TRANSPORT.lock().expect("transport lock") = Some(Arc::clone(&transport));
 
     let calls: Calls = Arc::default();
     let mut decoder = FrameDecoder::new(codec::DEFAULT_MAX_FRAME);
@@ -95,9 +136,17 @@ pub async fn serve(path: &str) -> Result<(), ExecutorError> {
         }
         decoder.push(&chunk[..n]);
         while let Some(message) = decoder.next::<ToExecutor>("ToExecutor")? {
+            if let ToExecutor::ClusterReply { id, result } = message {
+                if let Some(waiter) = transport.pending.lock().expect("pending lock").remove(&id) {
+                    let _ = waiter.send(result);
+                }
+                continue;
+            }
             handle(message, &tx, &calls);
         }
     }
+    TRANSPORT.lock().expect("transport lock").take();
+    transport.pending.lock().expect("pending lock").clear();
     drop(tx);
     for (_, (abort, _)) in calls.lock().expect("calls lock").drain() {
         abort.abort();
@@ -178,6 +227,7 @@ fn handle(message: ToExecutor, tx: &skyward_net::UnixFrameWriter, calls: &Calls)
                 sem.add_permits(items as usize);
             }
         }
+        ToExecutor::ClusterReply { .. } => {}
         ToExecutor::Cancel { id } => {
             if let Some((abort, _)) = calls.lock().expect("calls lock").remove(&id) {
                 abort.abort();

@@ -5,9 +5,15 @@
 //! and function name). The executor (a copy of the user's own program started by the worker in
 //! executor role, see [`executor`]) looks the name up and runs the body.
 //!
-//! Architecture invariant: this crate knows nothing of pools, nodes or transports; it only maps
-//! names and bytes to function bodies, and serves them over the executor socket.
+//! It also holds the typed handles on the worker cluster's collections ([`collections`]), which
+//! reach the cluster through a [`collections::Transport`]: the executor socket inside a task, the
+//! coordinator's connections outside.
+//!
+//! Architecture invariant: this crate knows nothing of pools, nodes or QUIC; it maps names and
+//! bytes to function bodies, and serves them (and the tasks' collection calls) over the executor
+//! socket.
 
+pub mod collections;
 pub mod context;
 pub mod elf;
 pub mod executor;

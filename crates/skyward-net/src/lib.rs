@@ -25,6 +25,12 @@ use std::time::Duration;
 /// Server name every coordinator certificate carries and every worker checks.
 pub const COORDINATOR_SERVER_NAME: &str = "skyward-coordinator";
 
+/// Server name of a worker in the worker cluster: its certificate carries it, and a worker
+/// dialling a peer checks it, so a connection reaches exactly the node it meant.
+pub fn worker_server_name(node_id: &str) -> String {
+    format!("{node_id}.worker.skyward")
+}
+
 /// ALPN protocol id of Skyward's wire protocol.
 pub const ALPN: &[u8] = b"skyward/1";
 
@@ -51,9 +57,9 @@ fn transport_config(idle_timeout: Duration, tunnel: bool) -> quinn::TransportCon
     transport
 }
 
-fn server_config(ca: &CertBundle, server: &CertBundle, idle_timeout: Duration, tunnel: bool) -> Result<quinn::ServerConfig, TlsError> {
+fn server_config(ca_cert_pem: &str, server: &CertBundle, idle_timeout: Duration, tunnel: bool) -> Result<quinn::ServerConfig, TlsError> {
     install_crypto_provider();
-    let tls = tls::server_tls(ca, server)?;
+    let tls = tls::server_tls(ca_cert_pem, server)?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config(idle_timeout, tunnel)));
@@ -76,7 +82,7 @@ pub fn server_endpoint(
     server: &CertBundle,
     idle_timeout: Duration,
 ) -> Result<quinn::Endpoint, TlsError> {
-    quinn::Endpoint::server(server_config(ca, server, idle_timeout, false)?, addr).map_err(TlsError::Bind)
+    quinn::Endpoint::server(server_config(&ca.cert_pem, server, idle_timeout, false)?, addr).map_err(TlsError::Bind)
 }
 
 /// A QUIC server endpoint for the coordinator whose packets travel over tunnels attached to
@@ -87,7 +93,7 @@ pub fn server_endpoint_tunnel(
     server: &CertBundle,
     idle_timeout: Duration,
 ) -> Result<quinn::Endpoint, TlsError> {
-    let config = server_config(ca, server, idle_timeout, true)?;
+    let config = server_config(&ca.cert_pem, server, idle_timeout, true)?;
     quinn::Endpoint::new_with_abstract_socket(quinn::EndpointConfig::default(), Some(config), socket, Arc::new(quinn::TokioRuntime))
         .map_err(TlsError::Bind)
 }
@@ -97,6 +103,16 @@ pub fn client_endpoint(ca_cert_pem: &str, client: &CertBundle, idle_timeout: Dur
     let bind: SocketAddr = "0.0.0.0:0".parse().expect("static address");
     let mut endpoint = quinn::Endpoint::client(bind).map_err(TlsError::Bind)?;
     endpoint.set_default_client_config(client_config(ca_cert_pem, client, idle_timeout, false)?);
+    Ok(endpoint)
+}
+
+/// A worker's endpoint in cluster mode: it dials the coordinator and its peers (presenting
+/// `cert`, trusting only `ca`), and accepts connections from peers whose certificate the pool's
+/// CA signed. One UDP socket, so the address the coordinator sees is the one peers dial.
+pub fn worker_endpoint(ca_cert_pem: &str, cert: &CertBundle, idle_timeout: Duration) -> Result<quinn::Endpoint, TlsError> {
+    let bind: SocketAddr = "0.0.0.0:0".parse().expect("static address");
+    let mut endpoint = quinn::Endpoint::server(server_config(ca_cert_pem, cert, idle_timeout, false)?, bind).map_err(TlsError::Bind)?;
+    endpoint.set_default_client_config(client_config(ca_cert_pem, cert, idle_timeout, false)?);
     Ok(endpoint)
 }
 

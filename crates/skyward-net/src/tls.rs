@@ -79,18 +79,20 @@ impl PoolCa {
 
     /// Issue the coordinator's server certificate.
     pub fn issue_server(&self) -> Result<CertBundle, TlsError> {
-        self.issue(crate::COORDINATOR_SERVER_NAME, ExtendedKeyUsagePurpose::ServerAuth)
+        self.issue(crate::COORDINATOR_SERVER_NAME, &[ExtendedKeyUsagePurpose::ServerAuth])
     }
 
-    /// Issue a worker's client certificate for `node_id`.
+    /// Issue a worker's certificate for `node_id`: a client certificate towards the coordinator,
+    /// and in cluster mode the server certificate other workers check (name
+    /// [`crate::worker_server_name`]).
     pub fn issue_worker(&self, node_id: &str) -> Result<CertBundle, TlsError> {
-        self.issue(&format!("{node_id}.worker.skyward"), ExtendedKeyUsagePurpose::ClientAuth)
+        self.issue(&crate::worker_server_name(node_id), &[ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth])
     }
 
-    fn issue(&self, name: &str, usage: ExtendedKeyUsagePurpose) -> Result<CertBundle, TlsError> {
+    fn issue(&self, name: &str, usages: &[ExtendedKeyUsagePurpose]) -> Result<CertBundle, TlsError> {
         let mut params = CertificateParams::new(vec![name.to_string()])?;
         params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![usage];
+        params.extended_key_usages = usages.to_vec();
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
@@ -112,9 +114,9 @@ fn roots(ca_cert_pem: &str) -> Result<rustls::RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// Server side: present `server`, require a client certificate signed by `ca`.
-pub(crate) fn server_tls(ca: &CertBundle, server: &CertBundle) -> Result<rustls::ServerConfig, TlsError> {
-    let verifier = WebPkiClientVerifier::builder(Arc::new(roots(&ca.cert_pem)?)).build().map_err(|e| TlsError::Config(e.to_string()))?;
+/// Server side: present `server`, require a client certificate signed by the CA.
+pub(crate) fn server_tls(ca_cert_pem: &str, server: &CertBundle) -> Result<rustls::ServerConfig, TlsError> {
+    let verifier = WebPkiClientVerifier::builder(Arc::new(roots(ca_cert_pem)?)).build().map_err(|e| TlsError::Config(e.to_string()))?;
     let mut tls = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![parse_cert(&server.cert_pem, "server certificate")?], parse_key(&server.key_pem, "server key")?)

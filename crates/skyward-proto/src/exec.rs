@@ -36,6 +36,13 @@ pub enum ToExecutor {
         /// Call id.
         id: u64,
     },
+    /// Answer to [`FromExecutor::Cluster`].
+    ClusterReply {
+        /// Request id.
+        id: u64,
+        /// The answer.
+        result: Result<crate::cluster::Reply, crate::cluster::ClusterError>,
+    },
 }
 
 /// Executor to worker.
@@ -62,6 +69,14 @@ pub enum FromExecutor {
         id: u64,
         /// Encoded result or the error.
         result: Result<serde_bytes::ByteBuf, RemoteError>,
+    },
+    /// A task asks for a collection operation (`skyward::dict(..)` and friends).
+    Cluster {
+        /// Request id, unique per executor.
+        id: u64,
+        /// The postcard-encoded [`crate::cluster::Op`].
+        #[serde(with = "serde_bytes")]
+        op: Vec<u8>,
     },
 }
 

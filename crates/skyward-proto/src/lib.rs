@@ -6,6 +6,7 @@
 //! sessions hand back. Everything that can go wrong on the wire is a value, never a panic.
 
 pub mod cache;
+pub mod cluster;
 pub mod codec;
 pub mod error;
 pub mod exec;

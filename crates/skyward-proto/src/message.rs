@@ -229,6 +229,16 @@ pub enum ToWorker {
     OpenLane,
     /// The worker should stop serving and exit.
     Shutdown,
+    /// Cluster mode: the current membership and placement of the worker cluster.
+    ClusterView(crate::cluster::ClusterView),
+    /// Run a collection operation on this node (the coordinator's own calls, e.g. `pool.dict()`).
+    ClusterRequest {
+        /// Request id, unique per connection.
+        id: u64,
+        /// The postcard-encoded [`crate::cluster::Op`].
+        #[serde(with = "serde_bytes")]
+        op: Vec<u8>,
+    },
 }
 
 /// Messages from a worker to the coordinator.
@@ -279,6 +289,19 @@ pub enum ToCoordinator {
         /// Whether the node holds it.
         present: bool,
     },
+    /// Every slot this node serves under view `epoch` has reached its backup (snapshots to new
+    /// backups acknowledged): from now on each of them has two copies.
+    ClusterSynced {
+        /// The view's epoch.
+        epoch: u64,
+    },
+    /// Answer to [`ToWorker::ClusterRequest`].
+    ClusterReply {
+        /// Request id.
+        id: u64,
+        /// The answer.
+        result: Result<crate::cluster::Reply, crate::cluster::ClusterError>,
+    },
 }
 
 impl ToWorker {
@@ -297,6 +320,8 @@ impl ToWorker {
             ToWorker::PutBinary { .. } => "PutBinary",
             ToWorker::OpenLane => "OpenLane",
             ToWorker::Shutdown => "Shutdown",
+            ToWorker::ClusterView(_) => "ClusterView",
+            ToWorker::ClusterRequest { .. } => "ClusterRequest",
         }
     }
 }
@@ -312,6 +337,8 @@ impl ToCoordinator {
             ToCoordinator::Done { .. } => "Done",
             ToCoordinator::UnknownTask { .. } => "UnknownTask",
             ToCoordinator::BinaryStatus { .. } => "BinaryStatus",
+            ToCoordinator::ClusterReply { .. } => "ClusterReply",
+            ToCoordinator::ClusterSynced { .. } => "ClusterSynced",
         }
     }
 

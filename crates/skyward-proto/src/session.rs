@@ -89,6 +89,15 @@ pub enum WorkerEvent {
         /// How long it has been silent.
         silent_for: Duration,
     },
+    /// New membership and placement of the worker cluster.
+    ClusterView(crate::cluster::ClusterView),
+    /// The coordinator asks for a collection operation.
+    ClusterRequest {
+        /// Request id.
+        id: u64,
+        /// The encoded operation.
+        op: Vec<u8>,
+    },
 }
 
 #[derive(Debug)]
@@ -260,6 +269,8 @@ impl WorkerSession {
             // The glue handles binary uploads itself; the frame only opens the byte stream.
             ToWorker::PutBinary { .. } | ToWorker::OpenLane => {}
             ToWorker::Shutdown => self.events.push_back(WorkerEvent::Shutdown),
+            ToWorker::ClusterView(view) => self.events.push_back(WorkerEvent::ClusterView(view)),
+            ToWorker::ClusterRequest { id, op } => self.events.push_back(WorkerEvent::ClusterRequest { id, op }),
         }
         Ok(())
     }
@@ -404,6 +415,18 @@ pub enum NodeEvent {
         hash: BinaryHash,
         /// Present on the node.
         present: bool,
+    },
+    /// The node's slots reached their backups under view `epoch`.
+    ClusterSynced {
+        /// The view's epoch.
+        epoch: u64,
+    },
+    /// Answer to a collection operation the coordinator sent.
+    ClusterReply {
+        /// Request id.
+        id: u64,
+        /// The answer.
+        result: Result<crate::cluster::Reply, crate::cluster::ClusterError>,
     },
     /// The worker has been silent too long. Every task in flight is listed, and the session no
     /// longer tracks them.
@@ -600,6 +623,8 @@ impl CoordinatorSession {
                 }
             }
             ToCoordinator::BinaryStatus { hash, present } => self.events.push_back(NodeEvent::BinaryStatus { hash, present }),
+            ToCoordinator::ClusterReply { id, result } => self.events.push_back(NodeEvent::ClusterReply { id, result }),
+            ToCoordinator::ClusterSynced { epoch } => self.events.push_back(NodeEvent::ClusterSynced { epoch }),
         }
         Ok(())
     }

@@ -778,7 +778,8 @@ impl Sim {
                     node.worker.finish(task, Outcome::Cancelled);
                 }
             }
-            WorkerEvent::Welcomed { .. } | WorkerEvent::Shutdown => {}
+            // The simulation covers the task protocol; the cluster has its own tests.
+            WorkerEvent::Welcomed { .. } | WorkerEvent::Shutdown | WorkerEvent::ClusterView(_) | WorkerEvent::ClusterRequest { .. } => {}
             WorkerEvent::QueryBinary { hash } => node.worker.binary_status(hash, false),
             WorkerEvent::Refused { reason } => {
                 node.refused = Some(reason);
@@ -879,7 +880,11 @@ impl Sim {
     fn on_node_event(&mut self, n: usize, event: NodeEvent) {
         let now = self.now;
         match event {
-            NodeEvent::Joined { .. } | NodeEvent::Output { .. } | NodeEvent::BinaryStatus { .. } => {}
+            NodeEvent::Joined { .. }
+            | NodeEvent::Output { .. }
+            | NodeEvent::BinaryStatus { .. }
+            | NodeEvent::ClusterReply { .. }
+            | NodeEvent::ClusterSynced { .. } => {}
             NodeEvent::Item { task, seq, payload } => {
                 let batch = self.cfg.grant_batch;
                 let Some(track) = self.tasks.get_mut(&task) else {

@@ -21,8 +21,11 @@
 //! a `main` that calls [`init`] before running its tests (see `tests/local/main.rs`).
 
 pub use skyward_coordinator::{
-    Command, CommandOutput, Compute, Dispatch, Error, JoinCalls, Options, OutputLine, Placement, Pool, StartError, TaskHandle, TaskStats,
-    TaskStream, Worker,
+    ClusterEvent, Command, CommandOutput, Compute, Dispatch, Error, JoinCalls, Options, OutputLine, Placement, Pool, StartError,
+    TaskHandle, TaskStats, TaskStream, Worker,
+};
+pub use skyward_function::collections::{
+    Barrier, ClusterError, Counter, Dict, Lock, LockGuard, Queue, Set, barrier, counter, dict, lock, queue, set,
 };
 pub use skyward_function::context::try_instance_info;
 pub use skyward_function::shard::{ShardMode, ShardOptions, Shardable, shard_indices};
@@ -33,6 +36,12 @@ pub use skyward_proto::message::{CommandExit, TaskId, WorkerFacts};
 #[cfg(feature = "container")]
 pub use skyward_provider::Container;
 pub use skyward_provider::{Image, ImageError, Local, Provider, Secret, SyncDir};
+
+/// The worker cluster's wire types: operations, answers, views and placement (for tools and tests;
+/// programs use the typed handles: [`dict`], [`Pool::dict`], ...).
+pub mod cluster {
+    pub use skyward_proto::cluster::*;
+}
 
 /// Providers and the provider trait.
 pub mod providers {
