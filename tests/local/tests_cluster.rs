@@ -96,6 +96,100 @@ async fn locked_increments(rounds: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A remote actor with state: a running total.
+struct Tally {
+    total: i64,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum TallyMsg {
+    Add(i64),
+    Fail,
+    Panic,
+}
+
+impl skyward::Actor for Tally {
+    type Args = i64;
+    type Msg = TallyMsg;
+    type Reply = i64;
+
+    async fn start(first: i64) -> anyhow::Result<Self> {
+        anyhow::ensure!(first >= 0, "a tally cannot start below zero (got {first})");
+        Ok(Tally { total: first })
+    }
+
+    async fn handle(&mut self, msg: TallyMsg) -> anyhow::Result<i64> {
+        match msg {
+            TallyMsg::Add(n) => {
+                self.total += n;
+                Ok(self.total)
+            }
+            TallyMsg::Fail => anyhow::bail!("asked to fail at {}", self.total),
+            TallyMsg::Panic => panic!("tally exploded at {}", self.total),
+        }
+    }
+}
+skyward::actor!(Tally);
+
+/// From a task: add to an actor the coordinator spawned (its handle passed as an argument).
+#[skyward::function]
+async fn add_from_task(tally: skyward::ActorRef<Tally>, n: i64) -> anyhow::Result<i64> {
+    Ok(tally.call(&TallyMsg::Add(n)).await?)
+}
+
+/// From a task: spawn an actor (round robin), use it, hand its handle back.
+#[skyward::function]
+async fn spawn_from_task(first: i64) -> anyhow::Result<skyward::ActorRef<Tally>> {
+    let tally = skyward::spawn_actor::<Tally>(&first).await?;
+    tally.cast(&TallyMsg::Add(1)).await?;
+    Ok(tally)
+}
+
+async fn actors(pool: &Pool) -> anyhow::Result<()> {
+    let a = pool.spawn_actor_on::<Tally>(1, &10).await?;
+    anyhow::ensure!(a.rank() == 1, "spawned on rank 1: {a:?}");
+    anyhow::ensure!(a.call(&TallyMsg::Add(5)).await? == 15);
+    // A cast is handled before a later call from the same sender.
+    a.cast(&TallyMsg::Add(100)).await?;
+    anyhow::ensure!(a.call(&TallyMsg::Add(0)).await? == 115, "cast applied in order");
+    // Tasks on every node reach it through their own worker.
+    let sums = pool.broadcast(add_from_task(a.clone(), 1)).await?;
+    anyhow::ensure!(sums.len() == 3 && a.call(&TallyMsg::Add(0)).await? == 118, "{sums:?}");
+    // A failing handler fails that call only.
+    match a.call(&TallyMsg::Fail).await {
+        Err(ClusterError::ActorFailed { error, .. }) => anyhow::ensure!(error.message.contains("asked to fail at 118"), "{error:?}"),
+        other => anyhow::bail!("expected ActorFailed, got {other:?}"),
+    }
+    anyhow::ensure!(a.call(&TallyMsg::Add(1)).await? == 119, "still alive after a failed call");
+    // Spawned from tasks, round robin: three tasks, actors on every node.
+    let spawned = pool.gather((0..3).map(|i| spawn_from_task(i * 100))).await?;
+    let mut ranks: Vec<u32> = spawned.iter().map(|t| t.rank()).collect();
+    ranks.sort_unstable();
+    anyhow::ensure!(ranks == vec![0, 1, 2], "round robin over the nodes: {ranks:?}");
+    for t in &spawned {
+        let v = t.call(&TallyMsg::Add(0)).await?;
+        anyhow::ensure!(v % 100 == 1, "the task's cast arrived: {v}");
+    }
+    // A panicking handler kills the actor: that call and every later one say so.
+    let doomed = pool.spawn_actor::<Tally>(&0).await?;
+    match doomed.call(&TallyMsg::Panic).await {
+        Err(ClusterError::ActorDead { reason, .. }) => anyhow::ensure!(reason.contains("tally exploded at 0"), "{reason}"),
+        other => anyhow::bail!("expected ActorDead, got {other:?}"),
+    }
+    let after = doomed.call(&TallyMsg::Add(1)).await;
+    anyhow::ensure!(matches!(&after, Err(ClusterError::ActorDead { reason, .. }) if reason.contains("panicked")), "{after:?}");
+    // A constructor that refuses, and a stopped actor.
+    let refused = pool.spawn_actor::<Tally>(&-1).await;
+    anyhow::ensure!(
+        matches!(&refused, Err(ClusterError::ActorFailed { error, .. }) if error.message.contains("below zero")),
+        "{refused:?}"
+    );
+    a.stop().await?;
+    let stopped = a.call(&TallyMsg::Add(1)).await;
+    anyhow::ensure!(matches!(stopped, Err(ClusterError::ActorDead { .. })), "{stopped:?}");
+    Ok(())
+}
+
 /// Test options without task retries: the lock holder's task must not run again elsewhere.
 fn no_retries() -> skyward::Options {
     skyward::Options { max_retries: 0, ..test_options() }
@@ -185,7 +279,8 @@ async fn every_operation(pool: &Pool) -> anyhow::Result<()> {
     let again = lock.acquire_timeout(Duration::ZERO).await?;
     anyhow::ensure!(again.fencing() == 2, "fencing token increases: {}", again.fencing());
     again.release().await?;
-    Ok(())
+
+    actors(pool).await
 }
 
 /// `per_task` concurrent loops of `each` increments.
@@ -297,6 +392,8 @@ async fn lost_node(pool: &Pool, victim: Victim) -> anyhow::Result<()> {
     let entries: Vec<(u32, String)> = (0..300).map(|i| (i, format!("value-{i}"))).collect();
     dict.update(entries.iter().map(|(k, v)| (k, v))).await?;
     let kill_rank_2 = victim.prepare(pool, 2).await?;
+    let on_victim = pool.spawn_actor_on::<Tally>(2, &0).await?;
+    anyhow::ensure!(on_victim.call(&TallyMsg::Add(1)).await? == 1);
 
     // Rank 2 holds the lock (lease 30 s: far longer than loss detection). The lock lives on rank
     // 2 itself, so its backup takes over with the holder recorded; the barrier lives elsewhere,
@@ -335,6 +432,12 @@ async fn lost_node(pool: &Pool, victim: Victim) -> anyhow::Result<()> {
         let outcome = w.await?;
         anyhow::ensure!(outcome.starts_with("error") && outcome.contains("[2]"), "barrier waiter got {outcome:?}");
     }
+    // The actor died with its node: calls fail, none hangs.
+    let call = tokio::time::timeout(Duration::from_secs(20), on_victim.call(&TallyMsg::Add(1))).await;
+    anyhow::ensure!(
+        matches!(call, Ok(Err(ClusterError::ActorDead { .. } | ClusterError::NodeLost { .. }))),
+        "a call to an actor on a lost node: {call:?}"
+    );
     let holder_result = holder.await;
     anyhow::ensure!(holder_result.is_err(), "the holder's task died with its node");
     // Every key survived on its backup.
@@ -430,6 +533,8 @@ async fn standalone() -> anyhow::Result<()> {
     let from_task = pool.run(task_counter()).await?;
     anyhow::ensure!(from_task.contains("standalone mode"), "a task is told too: {from_task}");
     anyhow::ensure!(pool.cluster_members().is_empty());
+    let actor = pool.spawn_actor::<Tally>(&0).await;
+    anyhow::ensure!(matches!(actor, Err(ClusterError::Standalone)), "actors need the cluster too: {actor:?}");
     pool.shutdown().await?;
     Ok(())
 }

@@ -86,6 +86,10 @@ struct InFlight {
     node_id: String,
 }
 
+/// Runs an actor operation addressed to this node (in the executor); the answer goes to the
+/// callback. Provided by the worker, which owns the executors.
+pub(crate) type ActorHook = Arc<dyn Fn(Op, Box<dyn FnOnce(Result<Reply, ClusterError>) + Send>) + Send + Sync>;
+
 /// A link this node dialled to a peer: requests and replication batches go out, answers come back.
 struct Link {
     tx: tokio::sync::mpsc::UnboundedSender<PeerMsg>,
@@ -109,11 +113,14 @@ struct Core {
     syncs: HashMap<u64, u64>,
     /// How this node tells the coordinator (the control stream of the current connection).
     report: Option<Arc<dyn Fn(ToCoordinator) + Send + Sync>>,
+    /// Round-robin position for actors spawned without a rank.
+    next_actor_node: usize,
 }
 
 /// The cluster engine of one worker.
 pub(crate) struct Cluster {
     node_id: String,
+    actors: std::sync::OnceLock<ActorHook>,
     endpoint: quinn::Endpoint,
     max_frame: usize,
     epoch: Instant,
@@ -125,6 +132,7 @@ impl Cluster {
     pub(crate) fn new(node_id: String, endpoint: quinn::Endpoint, max_frame: usize) -> Arc<Self> {
         let cluster = Arc::new(Self {
             node_id,
+            actors: std::sync::OnceLock::new(),
             endpoint,
             max_frame,
             epoch: Instant::now(),
@@ -140,6 +148,7 @@ impl Cluster {
                 links: HashMap::new(),
                 syncs: HashMap::new(),
                 report: None,
+                next_actor_node: 0,
             }),
             wake: Notify::new(),
         });
@@ -150,6 +159,59 @@ impl Cluster {
 
     fn now(&self) -> Time {
         self.epoch.elapsed()
+    }
+
+    /// Where actor operations for this node go (set once, after the worker exists).
+    pub(crate) fn set_actor_hook(&self, hook: ActorHook) {
+        let _ = self.actors.set(hook);
+    }
+
+    fn serve_actor(&self, op: Op, origin: Origin) {
+        match self.actors.get() {
+            Some(hook) => hook(op, Box::new(move |result| origin.answer(result))),
+            None => origin.answer(Err(ClusterError::Unavailable("this worker hosts no actors yet".into()))),
+        }
+    }
+
+    /// Route an actor operation: to its node (this one, or a peer over its link).
+    fn route_actor(self: &Arc<Self>, core: &mut Core, mut request: ClientRequest) {
+        let now = self.now();
+        if core.view.members.is_empty() {
+            core.waiting.push(Waiting { request, min_epoch: 1, not_before: now, deadline: now + VIEW_WAIT });
+            self.wake.notify_one();
+            return;
+        }
+        if let Op::ActorSpawn { rank: rank @ None, .. } = &mut request.op {
+            let mut ranks: Vec<u32> = core.view.members.iter().map(|m| m.rank).collect();
+            ranks.sort_unstable();
+            // Each node starts its round at its own position, so first spawns from several
+            // nodes spread out instead of all landing on the lowest rank.
+            let me = ranks.iter().position(|r| Some(*r) == self.my_rank(core)).unwrap_or(0);
+            *rank = Some(ranks[(me + core.next_actor_node) % ranks.len()]);
+            core.next_actor_node += 1;
+        }
+        let Some((Some(rank), node_id)) = request.op.actor_target() else { return };
+        let member = core.view.member(rank).cloned();
+        let member = match (member, node_id) {
+            (Some(m), Some(id)) if m.node_id != id => None,
+            (m, _) => m,
+        };
+        let Some(member) = member else {
+            let reason = format!("its node (rank {rank}) is not in the pool any more (lost or replaced)");
+            return request.origin.answer(Err(ClusterError::ActorDead { actor: String::new(), reason }));
+        };
+        if member.node_id == self.node_id {
+            return self.serve_actor(request.op, request.origin);
+        }
+        let op_bytes = match codec::to_bytes(&request.op) {
+            Ok(b) => b,
+            Err(e) => return request.origin.answer(Err(ClusterError::Transport(e.to_string()))),
+        };
+        let id = core.next_id;
+        core.next_id += 1;
+        let tx = self.link(core, &member.node_id, &member.addr);
+        core.in_flight.insert(id, InFlight { request, node_id: member.node_id.clone() });
+        let _ = tx.send(PeerMsg::Request { id, op: op_bytes });
     }
 
     fn core(&self) -> std::sync::MutexGuard<'_, Core> {
@@ -178,6 +240,9 @@ impl Cluster {
             return request.origin.answer(Err(ClusterError::Transport(format!(
                 "{kind} `{name}`: gave up after {MAX_ATTEMPTS} attempts to reach its owner"
             ))));
+        }
+        if request.op.actor_target().is_some() {
+            return self.route_actor(core, request);
         }
         let cell = request.op.cell();
         let Some(owners) = core.view.owners(&cell) else {
@@ -528,6 +593,17 @@ impl Cluster {
             }
         };
         let mut core = self.core();
+        if let Some((rank, node_id)) = op.actor_target() {
+            let mine = rank.is_some() && rank == self.my_rank(&core) && node_id.is_none_or(|id| id == self.node_id);
+            drop(core);
+            if mine {
+                self.serve_actor(op, Origin::Peer(id, tx.clone()));
+            } else {
+                let reason = "the node it was sent to does not host it (lost or replaced)".to_string();
+                let _ = tx.send(&PeerMsg::Reply { id, result: Err(ClusterError::ActorDead { actor: String::new(), reason }) });
+            }
+            return;
+        }
         let owners = core.view.owners(&op.cell());
         let me = self.my_rank(&core);
         match owners {

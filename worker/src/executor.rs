@@ -29,9 +29,14 @@ pub enum CallEvent {
 
 type Waiters = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<CallEvent>>>>;
 
+/// An actor operation's answer from the executor.
+pub type ActorAnswer = Result<Vec<u8>, skyward_proto::cluster::ClusterError>;
+type ActorWaiters = Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<ActorAnswer>>>>;
+
 struct Running {
     tx: UnixFrameWriter,
     waiters: Waiters,
+    actor_waiters: ActorWaiters,
     alive: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -147,6 +152,35 @@ impl Executors {
         Ok(CallHandle { events, id, tx })
     }
 
+    /// Send an actor operation to the executor of `hash` (started if needed); the answer arrives
+    /// on the returned receiver. Operations sent one after another reach the executor in order.
+    pub async fn actor(
+        &self,
+        hash: BinaryHash,
+        op: skyward_proto::exec::ActorOp,
+    ) -> Result<tokio::sync::oneshot::Receiver<ActorAnswer>, skyward_proto::cluster::ClusterError> {
+        use skyward_proto::cluster::ClusterError;
+        let (tx, waiters) = {
+            let mut running = self.running.lock().await;
+            let alive = running.get(&hash).is_some_and(|r| r.alive.load(Ordering::Acquire));
+            if !alive {
+                let started =
+                    self.start(hash).await.map_err(|e| ClusterError::ActorDead { actor: String::new(), reason: e.to_string() })?;
+                running.insert(hash, started);
+            }
+            let r = running.get(&hash).expect("just inserted");
+            (r.tx.clone(), Arc::clone(&r.actor_waiters))
+        };
+        let id = self.next_call.fetch_add(1, Ordering::Relaxed);
+        let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
+        waiters.lock().expect("waiters").insert(id, answer_tx);
+        if tx.send(&ToExecutor::Actor { id, op }).is_err() {
+            waiters.lock().expect("waiters").remove(&id);
+            return Err(ClusterError::ActorDead { actor: String::new(), reason: "its executor exited".into() });
+        }
+        Ok(answer_rx)
+    }
+
     async fn start(&self, hash: BinaryHash) -> Result<Running, RemoteError> {
         let path = binary_path(&self.cache_dir, hash);
         if !path.exists() {
@@ -160,6 +194,7 @@ impl Executors {
         let mut child = tokio::process::Command::new(&path)
             .env(ENV_ROLE, ROLE_EXECUTOR)
             .env(ENV_EXECUTOR_SOCKET, &socket)
+            .env(skyward_proto::exec::ENV_BINARY_HASH, hash.to_hex())
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -179,6 +214,8 @@ impl Executors {
         let (mut reader, writer) = stream.into_split();
         let tx = UnixFrameWriter::new(writer);
         let waiters: Waiters = Arc::default();
+        let actor_waiters: ActorWaiters = Arc::default();
+        let reader_actor_waiters = Arc::clone(&actor_waiters);
         let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let reader_waiters = Arc::clone(&waiters);
         let reader_alive = Arc::clone(&alive);
@@ -209,6 +246,11 @@ impl Executors {
                             }
                         }
                         Ok(Some(FromExecutor::Cluster { id, op })) => cluster(id, op, reply_tx.clone()),
+                        Ok(Some(FromExecutor::ActorDone { id, result })) => {
+                            if let Some(w) = reader_actor_waiters.lock().expect("waiters").remove(&id) {
+                                let _ = w.send(result.map(|b| b.into_vec()));
+                            }
+                        }
                         Ok(Some(FromExecutor::Done { id, result })) => {
                             if let Some(w) = reader_waiters.lock().expect("waiters").remove(&id) {
                                 let _ = w.send(CallEvent::Done(result.map(|b| b.into_vec())));
@@ -231,6 +273,12 @@ impl Executors {
             };
             let reason = failure.map_or(reason.clone(), |f| format!("{f}; {reason}"));
             tracing::warn!(%reason, "executor ended; the next call starts a new one");
+            for (_, w) in reader_actor_waiters.lock().expect("waiters").drain() {
+                let _ = w.send(Err(skyward_proto::cluster::ClusterError::ActorDead {
+                    actor: String::new(),
+                    reason: format!("the executor hosting it {reason}"),
+                }));
+            }
             for (_, w) in reader_waiters.lock().expect("waiters").drain() {
                 let _ = w.send(CallEvent::Done(Err(RemoteError::new(
                     RemoteErrorKind::ExecutorDied,
@@ -238,7 +286,7 @@ impl Executors {
                 ))));
             }
         });
-        Ok(Running { tx, waiters, alive })
+        Ok(Running { tx, waiters, actor_waiters, alive })
     }
 
     /// Stop every executor.

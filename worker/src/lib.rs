@@ -87,6 +87,9 @@ struct Worker {
     executors: Executors,
     /// Cluster mode: this node's part in the worker cluster.
     cluster: Option<Arc<cluster::Cluster>>,
+    /// Actors hosted on this node: the executor (binary) each one lives in.
+    actors: Mutex<HashMap<u64, BinaryHash>>,
+    next_actor: std::sync::atomic::AtomicU64,
     exit: Mutex<Option<ExitReason>>,
     exit_notify: Notify,
     wake_timer: Notify,
@@ -544,6 +547,73 @@ pub fn facts(config: &WorkerConfig) -> WorkerFacts {
 
 const TUNNEL_ARRIVED: &str = "coordinator tunnel arrived";
 
+/// Actor operations addressed to this node run in the executor of the actor's binary. One task
+/// sends them to the executors in arrival order (so messages from one sender stay in order);
+/// answers are awaited concurrently.
+fn actor_hook(worker: std::sync::Weak<Worker>) -> cluster::ActorHook {
+    use skyward_proto::cluster::{ClusterError, Op, Reply};
+    type Job = (Op, Box<dyn FnOnce(Result<Reply, ClusterError>) + Send>);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+    tokio::spawn(async move {
+        while let Some((op, done)) = rx.recv().await {
+            let Some(worker) = worker.upgrade() else {
+                done(Err(ClusterError::Unavailable("the worker is shutting down".into())));
+                continue;
+            };
+            worker.send_actor_op(op, done).await;
+        }
+    });
+    Arc::new(move |op, done| {
+        if let Err(mpsc::error::SendError((_, done))) = tx.send((op, done)) {
+            done(Err(ClusterError::Unavailable("the worker is shutting down".into())));
+        }
+    })
+}
+
+impl Worker {
+    async fn send_actor_op(
+        &self,
+        op: skyward_proto::cluster::Op,
+        done: Box<dyn FnOnce(Result<skyward_proto::cluster::Reply, skyward_proto::cluster::ClusterError>) + Send>,
+    ) {
+        use skyward_proto::cluster::{ClusterError, Op, Reply};
+        use skyward_proto::exec::ActorOp;
+        let no_such = || ClusterError::ActorDead { actor: String::new(), reason: "this node hosts no such actor".into() };
+        let hosted = |actor: u64| self.actors.lock().expect("actors").get(&actor).copied();
+        type Finish = Box<dyn FnOnce(Vec<u8>) -> Reply + Send>;
+        let (sent, finish): (Result<_, ClusterError>, Finish) = match op {
+            Op::ActorSpawn { type_name, binary, args, rank } => {
+                let actor = self.next_actor.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.actors.lock().expect("actors").insert(actor, binary);
+                let node_id = self.config.node_id.clone();
+                let sent = self.executors.actor(binary, ActorOp::Spawn { actor, type_name, args }).await;
+                (sent, Box::new(move |_| Reply::Actor { rank: rank.unwrap_or(u32::MAX), node_id, actor }))
+            }
+            Op::ActorCall { actor, msg, reply, .. } => match hosted(actor) {
+                Some(hash) => (self.executors.actor(hash, ActorOp::Call { actor, msg, reply }).await, Box::new(|b| Reply::Bytes(b.into()))),
+                None => (Err(no_such()), Box::new(|_| Reply::Unit)),
+            },
+            Op::ActorStop { actor, .. } => match hosted(actor.to_owned()) {
+                Some(hash) => {
+                    self.actors.lock().expect("actors").remove(&actor);
+                    (self.executors.actor(hash, ActorOp::Stop { actor }).await, Box::new(|_| Reply::Unit))
+                }
+                None => (Err(no_such()), Box::new(|_| Reply::Unit)),
+            },
+            other => (Err(ClusterError::BadRequest(format!("not an actor operation: {other:?}"))), Box::new(|_| Reply::Unit)),
+        };
+        match sent {
+            Err(e) => done(Err(e)),
+            Ok(answer) => {
+                tokio::spawn(async move {
+                    let dead = || ClusterError::ActorDead { actor: String::new(), reason: "its executor exited".into() };
+                    done(answer.await.unwrap_or_else(|_| Err(dead())).map(finish));
+                });
+            }
+        }
+    }
+}
+
 /// Bind the standalone socket: a fresh file, mode 0600, in a directory only we can enter.
 fn bind_standalone_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
@@ -616,6 +686,8 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<ExitReason> {
     let worker = Arc::new(Worker {
         executors: Executors::new(config.cache_dir.clone(), config.state_dir.clone(), hook),
         cluster,
+        actors: Mutex::new(HashMap::new()),
+        next_actor: std::sync::atomic::AtomicU64::new(1),
         config,
         epoch,
         core: Mutex::new(Core { session, task_sinks: HashMap::new(), control: None, runners: HashMap::new() }),
@@ -623,6 +695,9 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<ExitReason> {
         exit_notify: Notify::new(),
         wake_timer: Notify::new(),
     });
+    if let Some(cluster) = &worker.cluster {
+        cluster.set_actor_hook(actor_hook(Arc::downgrade(&worker)));
+    }
     let timer = tokio::spawn(Arc::clone(&worker).timer_loop());
     let connector = {
         let worker = Arc::clone(&worker);

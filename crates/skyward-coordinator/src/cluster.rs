@@ -11,7 +11,7 @@
 
 use crate::node::NodeShared;
 use futures::future::BoxFuture;
-use skyward_proto::cluster::{ClusterError, ClusterView, Member, Op, Reply};
+use skyward_proto::cluster::{ClusterError, ClusterView, Kind, Member, Op, Reply};
 use skyward_proto::codec;
 use skyward_proto::message::ToWorker;
 use std::collections::{BTreeMap, HashMap};
@@ -62,6 +62,8 @@ type Answer = Result<Reply, ClusterError>;
 
 struct State {
     view: ClusterView,
+    /// Round-robin position for actors spawned without a rank.
+    next_actor_node: usize,
     placed: bool,
     nodes: BTreeMap<u32, NodeEntry>,
     pending: HashMap<u64, (u32, oneshot::Sender<Answer>)>,
@@ -87,6 +89,7 @@ impl ClusterShared {
             enabled,
             state: Mutex::new(State {
                 view: ClusterView::default(),
+                next_actor_node: 0,
                 placed: false,
                 nodes: BTreeMap::new(),
                 pending: HashMap::new(),
@@ -234,6 +237,9 @@ impl ClusterShared {
         if !self.enabled {
             return Err(ClusterError::Standalone);
         }
+        if op.actor_target().is_some() {
+            return self.request_actor(op).await;
+        }
         let (kind, name) = op.target();
         let name = name.to_string();
         let bytes = codec::to_bytes(&op).map_err(|e| ClusterError::Transport(e.to_string()))?;
@@ -287,6 +293,59 @@ impl ClusterShared {
 }
 
 impl ClusterShared {
+    /// An actor operation goes to its node (chosen round robin for a spawn without a rank).
+    async fn request_actor(&self, mut op: Op) -> Answer {
+        let deadline = tokio::time::Instant::now() + VIEW_WAIT;
+        loop {
+            let attempt = {
+                let mut state = self.state();
+                let epoch = state.view.epoch;
+                if state.nodes.is_empty() {
+                    Err(epoch)
+                } else {
+                    if let Op::ActorSpawn { rank: rank @ None, .. } = &mut op {
+                        let ranks: Vec<u32> = state.nodes.keys().copied().collect();
+                        *rank = Some(ranks[state.next_actor_node % ranks.len()]);
+                        state.next_actor_node += 1;
+                    }
+                    let Some((Some(rank), node_id)) = op.actor_target() else { unreachable!("an actor operation") };
+                    let node = state.nodes.get(&rank).filter(|n| node_id.is_none_or(|id| id == n.node_id));
+                    let Some(node) = node else {
+                        let reason = format!("its node (rank {rank}) is not in the pool any more (lost or replaced)");
+                        return Err(ClusterError::ActorDead { actor: String::new(), reason });
+                    };
+                    let shared = Arc::clone(&node.shared);
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    let (tx, rx) = oneshot::channel();
+                    state.pending.insert(id, (rank, tx));
+                    Ok((epoch, rank, shared, id, rx))
+                }
+            };
+            let (epoch, rank, shared, id, rx) = match attempt {
+                Ok(a) => a,
+                Err(epoch) => {
+                    if tokio::time::Instant::now() >= deadline || !self.wait_for_epoch_after(epoch, VIEW_WAIT).await {
+                        return Err(ClusterError::Unavailable("no node is ready to host an actor".into()));
+                    }
+                    continue;
+                }
+            };
+            let bytes = codec::to_bytes(&op).map_err(|e| ClusterError::Transport(e.to_string()))?;
+            if !shared.send_control([ToWorker::ClusterRequest { id, op: bytes }]) {
+                self.state().pending.remove(&id);
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ClusterError::NodeLost { kind: Kind::Actor, rank, retried: false });
+                }
+                let _ = self.wait_for_epoch_after(epoch, Duration::from_millis(50)).await;
+                continue;
+            }
+            return match rx.await {
+                Ok(answer) => answer,
+                Err(_) => Err(ClusterError::NodeLost { kind: Kind::Actor, rank, retried: true }),
+            };
+        }
+    }
+
     /// Send raw bytes as a collection operation to the node of `rank` (tests of bad input).
     pub(crate) async fn raw_request(&self, rank: u32, op: Vec<u8>) -> Answer {
         let (shared, id, rx) = {
@@ -309,8 +368,8 @@ impl ClusterShared {
     }
 }
 
-/// The coordinator's transport for collection handles.
-pub(crate) struct CoordinatorTransport(pub(crate) Arc<ClusterShared>);
+/// The coordinator's transport for collection handles: the pool's cluster and its id.
+pub(crate) struct CoordinatorTransport(pub(crate) Arc<ClusterShared>, pub(crate) String);
 
 impl skyward_function::collections::Transport for CoordinatorTransport {
     fn request(&self, op: Op) -> BoxFuture<'static, Answer> {
@@ -320,5 +379,9 @@ impl skyward_function::collections::Transport for CoordinatorTransport {
 
     fn rank(&self) -> Option<u32> {
         None
+    }
+
+    fn pool_id(&self) -> Option<String> {
+        Some(self.1.clone())
     }
 }

@@ -120,6 +120,8 @@ fn install_signal_handler() {
 
 struct Inner {
     shared: Arc<PoolShared>,
+    /// The coordinator's way into the worker cluster (collections, actors).
+    transport: Arc<dyn skyward_function::collections::Transport>,
     tm: ActorRef<TmMsg>,
     actor: OnceLock<ActorRef<PoolMsg>>,
     endpoint: quinn::Endpoint,
@@ -171,8 +173,12 @@ impl Pool {
     ) -> Self {
         install_signal_handler();
         LIVE_POOLS.lock().expect("live pools").push((shared.pool_id.clone(), Arc::clone(&shared.provider), shared.ctx.clone()));
+        let transport: Arc<dyn skyward_function::collections::Transport> =
+            Arc::new(crate::cluster::CoordinatorTransport(Arc::clone(&shared.cluster), shared.pool_id.clone()));
+        skyward_function::collections::register_pool_transport(&shared.pool_id, &transport);
         Self {
             inner: Arc::new(Inner {
+                transport,
                 shared,
                 tm,
                 actor: OnceLock::new(),
@@ -219,7 +225,7 @@ impl Pool {
     }
 
     fn cluster_transport(&self) -> Arc<dyn skyward_function::collections::Transport> {
-        Arc::new(crate::cluster::CoordinatorTransport(Arc::clone(&self.inner.shared.cluster)))
+        Arc::clone(&self.inner.transport)
     }
 
     /// The worker cluster's dict `name` (created on first write). The same collection a task
@@ -252,6 +258,23 @@ impl Pool {
     /// The worker cluster's lock `name`.
     pub fn lock(&self, name: &str) -> collections::Lock {
         collections::Lock::with_transport(name, self.cluster_transport())
+    }
+
+    /// Start an actor of type `A` on the next node (round robin) and return its handle.
+    pub async fn spawn_actor<A: skyward_function::actors::RegisteredActor>(
+        &self,
+        args: &A::Args,
+    ) -> Result<skyward_function::actors::ActorRef<A>, collections::ClusterError> {
+        skyward_function::actors::spawn_with::<A>(self.cluster_transport(), self.inner.shared.binary.hash, None, args).await
+    }
+
+    /// Start an actor of type `A` on the node of `rank`.
+    pub async fn spawn_actor_on<A: skyward_function::actors::RegisteredActor>(
+        &self,
+        rank: u32,
+        args: &A::Args,
+    ) -> Result<skyward_function::actors::ActorRef<A>, collections::ClusterError> {
+        skyward_function::actors::spawn_with::<A>(self.cluster_transport(), self.inner.shared.binary.hash, Some(rank), args).await
     }
 
     /// Membership changes of the worker cluster from now on (joins and departures).

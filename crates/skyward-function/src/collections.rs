@@ -32,6 +32,35 @@ pub trait Transport: Send + Sync + 'static {
     fn request(&self, op: Op) -> BoxFuture<'static, Result<Reply, ClusterError>>;
     /// Rank of the node this caller runs on; `None` for the coordinator.
     fn rank(&self) -> Option<u32>;
+    /// The pool this transport reaches.
+    fn pool_id(&self) -> Option<String>;
+}
+
+type PoolTransports = std::collections::HashMap<String, std::sync::Weak<dyn Transport>>;
+
+/// Coordinator transports of the pools alive in this process, by pool id: a handle that arrives
+/// without a transport (an `ActorRef` returned by a task) finds its pool's here.
+static POOL_TRANSPORTS: Mutex<Option<PoolTransports>> = Mutex::new(None);
+
+/// Make `transport` the way handles of `pool_id` reach their pool from this process (the
+/// coordinator registers its pools; dropped pools fall out on their own).
+pub fn register_pool_transport(pool_id: &str, transport: &Arc<dyn Transport>) {
+    let mut pools = POOL_TRANSPORTS.lock().expect("pool transports");
+    let pools = pools.get_or_insert_default();
+    pools.retain(|_, t| t.strong_count() > 0);
+    pools.insert(pool_id.to_string(), Arc::downgrade(transport));
+}
+
+/// The transport for a handle of `pool_id` that came without one: the task's own (inside a task)
+/// or the coordinator's pool of that id.
+pub(crate) fn transport_for(pool_id: &str) -> Arc<dyn Transport> {
+    if let Some(t) = crate::executor::cluster_transport() {
+        return t;
+    }
+    let found = POOL_TRANSPORTS.lock().expect("pool transports").as_ref().and_then(|p| p.get(pool_id)).and_then(std::sync::Weak::upgrade);
+    found.unwrap_or_else(|| {
+        Arc::new(Unavailable("the pool of this handle is not running in this process (shut down, or another program's)"))
+    })
 }
 
 struct Unavailable(&'static str);
@@ -42,6 +71,9 @@ impl Transport for Unavailable {
         Box::pin(async move { Err(ClusterError::Unavailable(why.to_string())) })
     }
     fn rank(&self) -> Option<u32> {
+        None
+    }
+    fn pool_id(&self) -> Option<String> {
         None
     }
 }

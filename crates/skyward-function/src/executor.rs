@@ -45,7 +45,7 @@ fn install_panic_hook() {
     });
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {
@@ -113,6 +113,10 @@ impl crate::collections::Transport for ExecutorTransport {
     fn rank(&self) -> Option<u32> {
         context::try_instance_info().map(|i| i.rank)
     }
+
+    fn pool_id(&self) -> Option<String> {
+        context::try_instance_info().map(|i| i.pool_id)
+    }
 }
 
 /// Serve calls on the socket at `path` until the worker closes it.
@@ -127,6 +131,7 @@ pub async fn serve(path: &str) -> Result<(), ExecutorError> {
     *TRANSPORT.lock().expect("transport lock") = Some(Arc::clone(&transport));
 
     let calls: Calls = Arc::default();
+    let host = crate::actors::Host::default();
     let mut decoder = FrameDecoder::new(codec::DEFAULT_MAX_FRAME);
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
@@ -136,11 +141,21 @@ pub async fn serve(path: &str) -> Result<(), ExecutorError> {
         }
         decoder.push(&chunk[..n]);
         while let Some(message) = decoder.next::<ToExecutor>("ToExecutor")? {
-            if let ToExecutor::ClusterReply { id, result } = message {
-                if let Some(waiter) = transport.pending.lock().expect("pending lock").remove(&id) {
-                    let _ = waiter.send(result);
+            match message {
+                ToExecutor::ClusterReply { id, result } => {
+                    if let Some(waiter) = transport.pending.lock().expect("pending lock").remove(&id) {
+                        let _ = waiter.send(result);
+                    }
+                    continue;
                 }
-                continue;
+                ToExecutor::Actor { id, op } => {
+                    let tx = tx.clone();
+                    host.handle(op, move |result| {
+                        let _ = tx.send(&FromExecutor::ActorDone { id, result: result.map(serde_bytes::ByteBuf::from) });
+                    });
+                    continue;
+                }
+                _ => {}
             }
             handle(message, &tx, &calls);
         }
@@ -202,7 +217,7 @@ fn handle(message: ToExecutor, tx: &skyward_net::UnixFrameWriter, calls: &Calls)
                     Err(payload) => Err(RemoteError {
                         kind: RemoteErrorKind::Panic,
                         type_name: "panic".into(),
-                        message: panic_message(payload.as_ref()),
+                        message: panic_text(payload.as_ref()),
                         chain: Vec::new(),
                         location: take_panic_location(),
                     }),
@@ -227,7 +242,7 @@ fn handle(message: ToExecutor, tx: &skyward_net::UnixFrameWriter, calls: &Calls)
                 sem.add_permits(items as usize);
             }
         }
-        ToExecutor::ClusterReply { .. } => {}
+        ToExecutor::ClusterReply { .. } | ToExecutor::Actor { .. } => {}
         ToExecutor::Cancel { id } => {
             if let Some((abort, _)) = calls.lock().expect("calls lock").remove(&id) {
                 abort.abort();

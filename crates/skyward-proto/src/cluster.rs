@@ -32,6 +32,8 @@ pub enum Kind {
     Barrier,
     /// Lease-based mutual exclusion.
     Lock,
+    /// A remote actor (not a collection: addressed to its node, not placed by hash).
+    Actor,
 }
 
 impl fmt::Display for Kind {
@@ -43,6 +45,7 @@ impl fmt::Display for Kind {
             Kind::Queue => "queue",
             Kind::Barrier => "barrier",
             Kind::Lock => "lock",
+            Kind::Actor => "actor",
         };
         f.write_str(s)
     }
@@ -141,6 +144,41 @@ pub enum Op {
     LockRenew { name: String, token: u64, lease: Duration },
     /// Give the lock back.
     LockRelease { name: String, token: u64 },
+    /// Start an actor of a registered type on node `rank` (`None`: the router picks, round robin).
+    ActorSpawn {
+        /// Registered actor type name.
+        type_name: String,
+        /// The executable that registers it.
+        binary: crate::message::BinaryHash,
+        /// Encoded constructor arguments.
+        #[serde(with = "serde_bytes")]
+        args: Vec<u8>,
+        /// Where to start it.
+        rank: Option<u32>,
+    },
+    /// Send a message to an actor; `reply: false` is a cast (answered once it is queued).
+    ActorCall {
+        /// Node hosting the actor.
+        rank: u32,
+        /// Its node id (a replacement node with the same rank does not host it).
+        node_id: String,
+        /// Actor id on that node.
+        actor: u64,
+        /// Encoded message.
+        #[serde(with = "serde_bytes")]
+        msg: Vec<u8>,
+        /// Whether the caller waits for the handler's answer.
+        reply: bool,
+    },
+    /// Stop an actor.
+    ActorStop {
+        /// Node hosting the actor.
+        rank: u32,
+        /// Its node id.
+        node_id: String,
+        /// Actor id on that node.
+        actor: u64,
+    },
 }
 
 impl Op {
@@ -155,6 +193,17 @@ impl Op {
             Op::QueuePut { name, .. } | Op::QueueGet { name, .. } | Op::QueueLen { name } => (Kind::Queue, name),
             Op::BarrierWait { name, .. } | Op::BarrierWaiting { name } => (Kind::Barrier, name),
             Op::LockAcquire { name, .. } | Op::LockRenew { name, .. } | Op::LockRelease { name, .. } => (Kind::Lock, name),
+            Op::ActorSpawn { type_name, .. } => (Kind::Actor, type_name),
+            Op::ActorCall { node_id, .. } | Op::ActorStop { node_id, .. } => (Kind::Actor, node_id),
+        }
+    }
+
+    /// For actor operations: the node they go to (`None` inside: the router picks one).
+    pub fn actor_target(&self) -> Option<(Option<u32>, Option<&str>)> {
+        match self {
+            Op::ActorSpawn { rank, .. } => Some((*rank, None)),
+            Op::ActorCall { rank, node_id, .. } | Op::ActorStop { rank, node_id, .. } => Some((Some(*rank), Some(node_id))),
+            _ => None,
         }
     }
 
@@ -245,6 +294,17 @@ pub enum Reply {
         /// How many times this barrier has opened before.
         generation: u64,
     },
+    /// An actor started.
+    Actor {
+        /// Its node's rank.
+        rank: u32,
+        /// Its node's id.
+        node_id: String,
+        /// Its id on that node.
+        actor: u64,
+    },
+    /// An actor's answer, encoded.
+    Bytes(serde_bytes::ByteBuf),
 }
 
 /// Why an operation failed. Travels on the wire; every variant says what to do.
@@ -341,6 +401,27 @@ pub enum ClusterError {
         /// The encoder's message.
         reason: String,
     },
+    /// The actor's handler returned an error; the actor keeps running.
+    #[error("actor {actor}: the handler failed: {error}")]
+    ActorFailed {
+        /// Which actor.
+        actor: String,
+        /// What the handler returned.
+        error: Box<crate::error::RemoteError>,
+    },
+    /// The actor is gone: it panicked, was stopped, or its node or executor ended.
+    #[error("actor {actor} is dead: {reason}")]
+    ActorDead {
+        /// Which actor.
+        actor: String,
+        /// Why.
+        reason: String,
+    },
+    /// No actor type of that name is registered in the binary.
+    #[error(
+        "actor type `{0}` is not registered in this binary; was it registered with skyward::actor!(..) and does the pool run the same binary?"
+    )]
+    UnknownActorType(String),
     /// Anything else (transport failures), in words.
     #[error("cluster transport: {0}")]
     Transport(String),
@@ -639,6 +720,9 @@ impl Store {
         let mut step = Step::default();
         let cell = op.cell();
         match op {
+            Op::ActorSpawn { .. } | Op::ActorCall { .. } | Op::ActorStop { .. } => {
+                step.reply(request, Err(ClusterError::BadRequest("an actor operation reached the collection store".into())));
+            }
             Op::DictGet { .. } => {
                 let value = match self.cells.get(&cell) {
                     Some(Cell::Value(v)) => buf(v),

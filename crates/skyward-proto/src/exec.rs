@@ -36,6 +36,13 @@ pub enum ToExecutor {
         /// Call id.
         id: u64,
     },
+    /// An actor operation (the worker checked the target is this node).
+    Actor {
+        /// Request id.
+        id: u64,
+        /// What to do.
+        op: ActorOp,
+    },
     /// Answer to [`FromExecutor::Cluster`].
     ClusterReply {
         /// Request id.
@@ -70,6 +77,13 @@ pub enum FromExecutor {
         /// Encoded result or the error.
         result: Result<serde_bytes::ByteBuf, RemoteError>,
     },
+    /// Answer to [`ToExecutor::Actor`]: the handler's encoded answer (empty for spawn, stop, cast).
+    ActorDone {
+        /// Request id.
+        id: u64,
+        /// The answer.
+        result: Result<serde_bytes::ByteBuf, crate::cluster::ClusterError>,
+    },
     /// A task asks for a collection operation (`skyward::dict(..)` and friends).
     Cluster {
         /// Request id, unique per executor.
@@ -79,6 +93,40 @@ pub enum FromExecutor {
         op: Vec<u8>,
     },
 }
+
+/// An actor operation inside an executor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActorOp {
+    /// Start actor `actor` (an id the worker chose) of a registered type.
+    Spawn {
+        /// Actor id.
+        actor: u64,
+        /// Registered type name.
+        type_name: String,
+        /// Encoded constructor arguments.
+        #[serde(with = "serde_bytes")]
+        args: Vec<u8>,
+    },
+    /// Deliver a message; `reply: false` answers once it is queued.
+    Call {
+        /// Actor id.
+        actor: u64,
+        /// Encoded message.
+        #[serde(with = "serde_bytes")]
+        msg: Vec<u8>,
+        /// Wait for the handler.
+        reply: bool,
+    },
+    /// Stop the actor after the messages already queued.
+    Stop {
+        /// Actor id.
+        actor: u64,
+    },
+}
+
+/// Environment variable holding the SHA-256 (hex) of the executor's own executable, so tasks can
+/// spawn actors of their own binary.
+pub const ENV_BINARY_HASH: &str = "SKYWARD_BINARY_HASH";
 
 /// Environment variable naming the role a Skyward-enabled program starts in.
 pub const ENV_ROLE: &str = "SKYWARD_ROLE";

@@ -24,6 +24,8 @@ pub use skyward_coordinator::{
     ClusterEvent, Command, CommandOutput, Compute, Dispatch, Error, JoinCalls, Options, OutputLine, Placement, Pool, StartError,
     TaskHandle, TaskStats, TaskStream, Worker,
 };
+pub use skyward_function::actor;
+pub use skyward_function::actors::{Actor, ActorRef, RegisteredActor, spawn_actor, spawn_actor_on};
 pub use skyward_function::collections::{
     Barrier, ClusterError, Counter, Dict, Lock, LockGuard, Queue, Set, barrier, counter, dict, lock, queue, set,
 };
