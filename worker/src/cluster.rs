@@ -90,9 +90,17 @@ struct InFlight {
 /// callback. Provided by the worker, which owns the executors.
 pub(crate) type ActorHook = Arc<dyn Fn(Op, Box<dyn FnOnce(Result<Reply, ClusterError>) + Send>) + Send + Sync>;
 
-/// A link this node dialled to a peer: requests and replication batches go out, answers come back.
+/// A link this node dialled to a peer: requests and replication batches go out, answers come
+/// back. Frames are written directly from the sending task once the stream is open; until then
+/// they wait here, in order.
 struct Link {
-    tx: tokio::sync::mpsc::UnboundedSender<PeerMsg>,
+    generation: u64,
+    state: LinkState,
+}
+
+enum LinkState {
+    Connecting(Vec<PeerMsg>),
+    Ready(LaneWriter),
 }
 
 struct Core {
@@ -115,6 +123,7 @@ struct Core {
     report: Option<Arc<dyn Fn(ToCoordinator) + Send + Sync>>,
     /// Round-robin position for actors spawned without a rank.
     next_actor_node: usize,
+    next_link: u64,
 }
 
 /// The cluster engine of one worker.
@@ -149,6 +158,7 @@ impl Cluster {
                 syncs: HashMap::new(),
                 report: None,
                 next_actor_node: 0,
+                next_link: 0,
             }),
             wake: Notify::new(),
         });
@@ -209,9 +219,8 @@ impl Cluster {
         };
         let id = core.next_id;
         core.next_id += 1;
-        let tx = self.link(core, &member.node_id, &member.addr);
         core.in_flight.insert(id, InFlight { request, node_id: member.node_id.clone() });
-        let _ = tx.send(PeerMsg::Request { id, op: op_bytes });
+        self.send_peer(core, &member.node_id, &member.addr, PeerMsg::Request { id, op: op_bytes });
     }
 
     fn core(&self) -> std::sync::MutexGuard<'_, Core> {
@@ -272,9 +281,8 @@ impl Cluster {
         };
         let id = core.next_id;
         core.next_id += 1;
-        let tx = self.link(core, &member.node_id, &member.addr);
         core.in_flight.insert(id, InFlight { request, node_id: member.node_id.clone() });
-        let _ = tx.send(PeerMsg::Request { id, op: op_bytes });
+        self.send_peer(core, &member.node_id, &member.addr, PeerMsg::Request { id, op: op_bytes });
     }
 
     /// Send answers now, or after the backups acknowledged the step's changes.
@@ -306,8 +314,7 @@ impl Cluster {
         let id = core.next_id;
         core.next_id += 1;
         core.batches.insert(id, (held, member.node_id.clone()));
-        let tx = self.link(core, &member.node_id, &member.addr);
-        let _ = tx.send(PeerMsg::Replicate { id, mutations });
+        self.send_peer(core, &member.node_id, &member.addr, PeerMsg::Replicate { id, mutations });
     }
 
     fn batch_done(self: &Arc<Self>, core: &mut Core, batch: u64) {
@@ -338,27 +345,31 @@ impl Cluster {
         }
     }
 
-    /// The outgoing link to `node_id`, dialled on first use.
-    fn link(self: &Arc<Self>, core: &mut Core, node_id: &str, addr: &str) -> tokio::sync::mpsc::UnboundedSender<PeerMsg> {
-        if let Some(link) = core.links.get(node_id)
-            && !link.tx.is_closed()
-        {
-            return link.tx.clone();
+    /// Send `message` on the link to `node_id`, dialling it on first use. A write that fails
+    /// leaves the link to its reader, which notices the end and fails what was sent on it.
+    fn send_peer(self: &Arc<Self>, core: &mut Core, node_id: &str, addr: &str, message: PeerMsg) {
+        match core.links.get_mut(node_id).map(|l| &mut l.state) {
+            Some(LinkState::Ready(writer)) => {
+                let _ = writer.send(&message);
+            }
+            Some(LinkState::Connecting(queued)) => queued.push(message),
+            None => {
+                core.next_link += 1;
+                let generation = core.next_link;
+                core.links.insert(node_id.to_string(), Link { generation, state: LinkState::Connecting(vec![message]) });
+                let cluster = Arc::clone(self);
+                let node_id = node_id.to_string();
+                let addr = addr.to_string();
+                tokio::spawn(async move {
+                    let reason = cluster.run_link(&node_id, &addr, generation).await;
+                    tracing::debug!(peer = %node_id, %reason, "cluster link ended");
+                    cluster.link_failed(&node_id, generation, &reason);
+                });
+            }
         }
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        core.links.insert(node_id.to_string(), Link { tx: tx.clone() });
-        let cluster = Arc::clone(self);
-        let node_id = node_id.to_string();
-        let addr = addr.to_string();
-        tokio::spawn(async move {
-            let reason = cluster.run_link(&node_id, &addr, rx).await;
-            tracing::debug!(peer = %node_id, %reason, "cluster link ended");
-            cluster.link_failed(&node_id, &reason);
-        });
-        tx
     }
 
-    async fn run_link(self: &Arc<Self>, node_id: &str, addr: &str, mut rx: tokio::sync::mpsc::UnboundedReceiver<PeerMsg>) -> String {
+    async fn run_link(self: &Arc<Self>, node_id: &str, addr: &str, generation: u64) -> String {
         let addr: std::net::SocketAddr = match addr.parse() {
             Ok(a) => a,
             Err(e) => return format!("bad peer address {addr}: {e}"),
@@ -378,40 +389,40 @@ impl Cluster {
             Err(e) => return format!("cannot open a stream to {addr}: {e}"),
         };
         let writer = LaneWriter::new(send);
-        let reader = {
-            let cluster = Arc::clone(self);
-            let max = self.max_frame;
-            tokio::spawn(async move {
-                let mut recv = FramedRecv::new(recv, max);
-                loop {
-                    match recv.next::<PeerMsg>("PeerMsg").await {
-                        Ok(Some(PeerMsg::Reply { id, result })) => cluster.on_reply(id, result),
-                        Ok(Some(PeerMsg::Replicated { id })) => cluster.on_replicated(id),
-                        Ok(Some(other)) => return format!("peer sent {other:?} on a link it accepted"),
-                        Ok(None) => return "peer closed the stream".to_string(),
-                        Err(e) => return e.to_string(),
-                    }
+        {
+            // Flush what waited, then let senders write directly, under one lock so order holds.
+            let mut core = self.core();
+            let Some(link) = core.links.get_mut(node_id).filter(|l| l.generation == generation) else {
+                return "link replaced while connecting".to_string();
+            };
+            if let LinkState::Connecting(queued) = std::mem::replace(&mut link.state, LinkState::Ready(writer.clone())) {
+                for m in queued {
+                    let _ = writer.send(&m);
                 }
-            })
-        };
-        let mut reader = reader;
-        loop {
-            tokio::select! {
-                message = rx.recv() => match message {
-                    Some(m) => if writer.send(&m).is_err() { return "stream closed".to_string() },
-                    None => return "link dropped".to_string(),
-                },
-                ended = &mut reader => return ended.unwrap_or_else(|e| e.to_string()),
             }
         }
+        let mut recv = FramedRecv::new(recv, self.max_frame);
+        let reason = loop {
+            match recv.next::<PeerMsg>("PeerMsg").await {
+                Ok(Some(PeerMsg::Reply { id, result })) => self.on_reply(id, result),
+                Ok(Some(PeerMsg::Replicated { id })) => self.on_replicated(id),
+                Ok(Some(other)) => break format!("peer sent {other:?} on a link it accepted"),
+                Ok(None) => break "peer closed the stream".to_string(),
+                Err(e) => break e.to_string(),
+            }
+        };
+        connection.close(0u32.into(), b"link ended");
+        reason
     }
 
     /// A link ended: requests on it go out again (reads) or fail (writes: they may have taken
     /// effect); replication batches to it are released (the backup is gone; the next view gives
     /// the slot a new one, which gets a snapshot).
-    fn link_failed(self: &Arc<Self>, node_id: &str, reason: &str) {
+    fn link_failed(self: &Arc<Self>, node_id: &str, generation: u64, reason: &str) {
         let mut core = self.core();
-        core.links.remove(node_id);
+        if core.links.get(node_id).is_some_and(|l| l.generation == generation) {
+            core.links.remove(node_id);
+        }
         let batches: Vec<u64> = core.batches.iter().filter(|(_, (_, n))| n.as_str() == node_id).map(|(id, _)| *id).collect();
         if !batches.is_empty() {
             tracing::warn!(peer = %node_id, %reason, "backup unreachable; answering without its acknowledgement");

@@ -170,17 +170,23 @@ impl Worker {
                 (None, _) => tracing::warn!("cluster view received in standalone mode; ignored"),
             },
             WorkerEvent::ClusterRequest { id, op } => {
-                let Some(control) = core.control.clone() else { return };
-                let reply = move |m: ToCoordinator| control.send(m);
-                match &self.cluster {
-                    Some(cluster) => cluster.submit(&op, cluster::Origin::Coordinator(id, Arc::new(reply))),
-                    None => reply(ToCoordinator::ClusterReply { id, result: Err(skyward_proto::cluster::ClusterError::Standalone) }),
+                if let Some(control) = core.control.clone() {
+                    self.cluster_request(id, &op, control);
                 }
             }
             WorkerEvent::CoordinatorSilent { silent_for } => {
                 tracing::error!(?silent_for, "coordinator silent longer than instance_timeout; ending this machine");
                 self.finish_exit(ExitReason::CoordinatorSilent(silent_for));
             }
+        }
+    }
+
+    /// A collection or actor operation from the coordinator; the answer goes back on `sink`.
+    fn cluster_request(&self, id: u64, op: &[u8], sink: Sink) {
+        let reply = move |m: ToCoordinator| sink.send(m);
+        match &self.cluster {
+            Some(cluster) => cluster.submit(op, cluster::Origin::Coordinator(id, Arc::new(reply))),
+            None => reply(ToCoordinator::ClusterReply { id, result: Err(skyward_proto::cluster::ClusterError::Standalone) }),
         }
     }
 
@@ -377,9 +383,14 @@ impl Worker {
                     }
                 },
             };
-            let route = match &message {
-                ToWorker::Submit { task, .. } | ToWorker::Resume { task, .. } => Some(*task),
+            let route = match message {
+                ToWorker::Submit { task, .. } | ToWorker::Resume { task, .. } => Some(task),
                 ToWorker::OpenLane => continue,
+                // Cluster requests on a lane are answered on it, written directly.
+                ToWorker::ClusterRequest { id, op } => {
+                    self.cluster_request(id, &op, sink.clone());
+                    continue;
+                }
                 _ => None,
             };
             self.handle_incoming(message, route.map(|t| (t, &sink)));

@@ -269,7 +269,7 @@ impl ClusterShared {
                     continue;
                 }
             };
-            if !shared.send_control([ToWorker::ClusterRequest { id, op: bytes.clone() }]) {
+            if !shared.send_cluster(ToWorker::ClusterRequest { id, op: bytes.clone() }, None) {
                 // Not sent (the node is reconnecting): wait for it, or for a view without it.
                 self.state().pending.remove(&id);
                 let _ = self.wait_for_epoch_after(epoch, Duration::from_millis(50)).await;
@@ -331,7 +331,12 @@ impl ClusterShared {
                 }
             };
             let bytes = codec::to_bytes(&op).map_err(|e| ClusterError::Transport(e.to_string()))?;
-            if !shared.send_control([ToWorker::ClusterRequest { id, op: bytes }]) {
+            // One actor's messages share a lane, so they arrive in the order they were sent.
+            let key = match &op {
+                Op::ActorCall { actor, .. } | Op::ActorStop { actor, .. } => Some(*actor),
+                _ => Some(0),
+            };
+            if !shared.send_cluster(ToWorker::ClusterRequest { id, op: bytes }, key) {
                 self.state().pending.remove(&id);
                 if tokio::time::Instant::now() >= deadline {
                     return Err(ClusterError::NodeLost { kind: Kind::Actor, rank, retried: false });

@@ -136,6 +136,23 @@ impl NodeShared {
         }
     }
 
+    /// Send a cluster request on a lane (written from the caller's task, no writer task between),
+    /// or on the control stream while the lanes are not open. `key` picks the lane, so requests
+    /// with the same key (one actor's messages) stay in order. `false` when there is no connection.
+    pub(crate) fn send_cluster(&self, message: ToWorker, key: Option<u64>) -> bool {
+        let lane = {
+            let lanes = self.lanes.lock().expect("lanes lock");
+            (!lanes.is_empty()).then(|| {
+                let i = key.map(|k| k as usize).unwrap_or_else(|| self.next_lane.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+                lanes[i % lanes.len()].clone()
+            })
+        };
+        match lane {
+            Some(lane) => lane.send(&message).is_ok(),
+            None => self.send_control([message]),
+        }
+    }
+
     /// Feed one message from the worker and route everything the session produces.
     pub(crate) fn process(&self, message: ToCoordinator) {
         let now = self.now();
