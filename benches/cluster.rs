@@ -150,9 +150,8 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--test");
     let (n, reps) = if quick { (300u64, 1usize) } else { (20_000, 5) };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    let pool = rt.block_on(async {
-        Compute::new(Local::default()).nodes(3).worker(Worker { concurrency: 16 }).start().await.expect("pool")
-    });
+    let pool =
+        rt.block_on(async { Compute::new(Local::default()).nodes(3).worker(Worker { concurrency: 16 }).start().await.expect("pool") });
     let mut rows = Vec::new();
     rt.block_on(async {
         let dict = pool.dict::<u64, u64>("bench");
@@ -256,7 +255,9 @@ fn main() {
     }
     let json: Vec<String> = rows
         .iter()
-        .map(|r| format!(r#"{{"scenario":"{}","median":{:.1},"unit":"{}","min":{:.1},"max":{:.1}}}"#, r.name, r.value, r.unit, r.min, r.max))
+        .map(|r| {
+            format!(r#"{{"scenario":"{}","median":{:.1},"unit":"{}","min":{:.1},"max":{:.1}}}"#, r.name, r.value, r.unit, r.min, r.max)
+        })
         .collect();
     println!("json: [{}]", json.join(","));
 }

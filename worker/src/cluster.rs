@@ -43,8 +43,8 @@ pub(crate) enum Origin {
     Coordinator(u64, Arc<dyn Fn(ToCoordinator) + Send + Sync>),
     /// The executor that asked.
     Executor(u64, UnixFrameWriter),
-    /// A peer that sent a request on this stream.
-    Peer(u64, LaneWriter),
+    /// A peer that sent a request on a stream (request id, the stream, the stream's local id).
+    Peer(u64, LaneWriter, u64),
 }
 
 impl Origin {
@@ -54,7 +54,7 @@ impl Origin {
             Origin::Executor(id, tx) => {
                 let _ = tx.send(&ToExecutor::ClusterReply { id, result });
             }
-            Origin::Peer(id, tx) => {
+            Origin::Peer(id, tx, _) => {
                 let _ = tx.send(&PeerMsg::Reply { id, result });
             }
         }
@@ -124,6 +124,8 @@ struct Core {
     /// Round-robin position for actors spawned without a rank.
     next_actor_node: usize,
     next_link: u64,
+    /// Per slot, the newest held-answers entry waiting for a backup.
+    slot_tail: HashMap<u32, u64>,
 }
 
 /// The cluster engine of one worker.
@@ -159,6 +161,7 @@ impl Cluster {
                 report: None,
                 next_actor_node: 0,
                 next_link: 0,
+                slot_tail: HashMap::new(),
             }),
             wake: Notify::new(),
         });
@@ -227,6 +230,12 @@ impl Cluster {
         self.core.lock().expect("cluster core lock")
     }
 
+    /// Which slots this node serves as primary under its current view.
+    fn served(&self, core: &Core) -> Vec<bool> {
+        let me = self.my_rank(core);
+        (0..SLOTS as usize).map(|s| core.view.slots.get(s).is_some_and(|o| Some(o.primary) == me)).collect()
+    }
+
     fn my_rank(&self, core: &Core) -> Option<u32> {
         core.view.members.iter().find(|m| m.node_id == self.node_id).map(|m| m.rank)
     }
@@ -266,8 +275,9 @@ impl Cluster {
             let op = request.op.clone();
             let origin = request.origin.clone();
             core.serving.insert(id, (origin, Some(request)));
+            let slot = cell.slot();
             let step = core.store.apply(id, op, now);
-            self.finish(core, step);
+            self.finish(core, step, Some(slot));
             return;
         }
         let Some(member) = core.view.member(owners.primary).cloned() else {
@@ -285,8 +295,11 @@ impl Cluster {
         self.send_peer(core, &member.node_id, &member.addr, PeerMsg::Request { id, op: op_bytes });
     }
 
-    /// Send answers now, or after the backups acknowledged the step's changes.
-    fn finish(self: &Arc<Self>, core: &mut Core, step: Step) {
+    /// Send answers now, or after the backups acknowledged the step's changes. `slot`: the slot
+    /// of the operation that made the step; an answer that changes nothing (a read) waits behind
+    /// a write to the same slot that is still unacknowledged, so no one reads a value a failover
+    /// could take back.
+    fn finish(self: &Arc<Self>, core: &mut Core, step: Step, slot: Option<u32>) {
         let mut groups: HashMap<u32, Vec<Mutation>> = HashMap::new();
         for m in step.mutations {
             if let Some(backup) = m.cell().and_then(|c| core.view.owners(c)).and_then(|o| o.backup) {
@@ -296,16 +309,23 @@ impl Cluster {
         let groups: Vec<(skyward_proto::cluster::Member, Vec<Mutation>)> =
             groups.into_iter().filter_map(|(rank, muts)| core.view.member(rank).cloned().map(|m| (m, muts))).collect();
         if groups.is_empty() {
-            self.deliver(core, step.replies);
+            let behind = slot.and_then(|s| core.slot_tail.get(&s).copied()).filter(|h| core.held.contains_key(h));
+            match behind {
+                Some(held) => core.held.get_mut(&held).expect("checked").0.extend(step.replies),
+                None => self.deliver(core, step.replies),
+            }
         } else {
             let held = core.next_id;
             core.next_id += 1;
             core.held.insert(held, (step.replies, groups.len()));
+            if let Some(slot) = slot {
+                core.slot_tail.insert(slot, held);
+            }
             for (member, mutations) in groups {
                 self.replicate(core, &member, mutations, Some(held));
             }
         }
-        if core.store.poll_timeout().is_some() {
+        if !core.waiting.is_empty() || core.store.poll_timeout(|_| true).is_some() {
             self.wake.notify_one();
         }
     }
@@ -435,8 +455,24 @@ impl Cluster {
                 core.syncs.remove(&held);
             }
         }
+        let lost_batches = !batches.is_empty();
         for id in batches {
             self.batch_done(&mut core, id);
+        }
+        // The backup may have missed changes: if it is still a member, send it every slot this
+        // node serves for it again (snapshot first, on a new link, so later changes follow it).
+        if lost_batches
+            && let Some(member) = core.view.members.iter().find(|m| m.node_id == node_id).cloned()
+            && let Some(me) = self.my_rank(&core)
+        {
+            let now = self.now();
+            for slot in 0..SLOTS {
+                let owners = core.view.slots.get(slot as usize).copied();
+                if owners.is_some_and(|o| o.primary == me && o.backup == Some(member.rank)) {
+                    let mutations = core.store.snapshot(slot, now);
+                    self.replicate(&mut core, &member, mutations, None);
+                }
+            }
         }
         let requests: Vec<u64> = core.in_flight.iter().filter(|(_, f)| f.node_id == node_id).map(|(id, _)| *id).collect();
         for id in requests {
@@ -505,8 +541,10 @@ impl Cluster {
             core.links.remove(&node.node_id);
         }
         if !lost.is_empty() {
-            let step = core.store.nodes_lost(&lost, now);
-            self.finish(&mut core, step);
+            let served = self.served(&core);
+            let live: Vec<u32> = core.view.members.iter().map(|m| m.rank).collect();
+            let step = core.store.nodes_lost(&lost, &live, now, |slot| served[slot as usize]);
+            self.finish(&mut core, step, None);
         }
         // Slots this node now serves with a backup that did not hold them: send a snapshot first.
         // (Not for the first placement: nothing is stored yet.)
@@ -533,7 +571,7 @@ impl Cluster {
                     && !backup_had_it
                     && let Some(member) = core.view.member(backup).cloned()
                 {
-                    let mutations = core.store.snapshot(slot);
+                    let mutations = core.store.snapshot(slot, now);
                     tracing::debug!(slot, to = %member.node_id, cells = mutations.len() - 1, "snapshot to a new backup");
                     snapshots.push((member, mutations));
                 }
@@ -595,7 +633,7 @@ impl Cluster {
     }
 
     /// Serve one request from a peer: only as this cell's primary.
-    fn serve_peer(self: &Arc<Self>, id: u64, op: &[u8], tx: &LaneWriter) {
+    fn serve_peer(self: &Arc<Self>, id: u64, op: &[u8], tx: &LaneWriter, stream: u64) {
         let op: Op = match codec::from_bytes(op, "cluster operation") {
             Ok(op) => op,
             Err(e) => {
@@ -608,7 +646,7 @@ impl Cluster {
             let mine = rank.is_some() && rank == self.my_rank(&core) && node_id.is_none_or(|id| id == self.node_id);
             drop(core);
             if mine {
-                self.serve_actor(op, Origin::Peer(id, tx.clone()));
+                self.serve_actor(op, Origin::Peer(id, tx.clone(), stream));
             } else {
                 let reason = "the node it was sent to does not host it (lost or replaced)".to_string();
                 let _ = tx.send(&PeerMsg::Reply { id, result: Err(ClusterError::ActorDead { actor: String::new(), reason }) });
@@ -621,9 +659,10 @@ impl Cluster {
             Some(o) if Some(o.primary) == me => {
                 let local = core.next_id;
                 core.next_id += 1;
-                core.serving.insert(local, (Origin::Peer(id, tx.clone()), None));
+                core.serving.insert(local, (Origin::Peer(id, tx.clone(), stream), None));
+                let slot = op.cell().slot();
                 let step = core.store.apply(local, op, self.now());
-                self.finish(&mut core, step);
+                self.finish(&mut core, step, Some(slot));
             }
             _ => {
                 let (kind, _) = op.target();
@@ -652,16 +691,36 @@ impl Cluster {
     }
 
     async fn serve_stream(self: Arc<Self>, send: quinn::SendStream, recv: quinn::RecvStream) {
+        let stream = {
+            let mut core = self.core();
+            core.next_id += 1;
+            core.next_id
+        };
+        self.serve_stream_until_end(send, recv, stream).await;
+        // Requests of that peer still parked here (a queue get, a lock wait, a barrier) are
+        // forgotten: their answers could not be delivered, and a queue item handed to them
+        // would be lost.
+        let mut core = self.core();
+        let gone: Vec<u64> =
+            core.serving.iter().filter(|(_, (o, _))| matches!(o, Origin::Peer(_, _, s) if *s == stream)).map(|(id, _)| *id).collect();
+        for id in gone {
+            core.serving.remove(&id);
+            core.store.cancel(id);
+        }
+    }
+
+    async fn serve_stream_until_end(self: &Arc<Self>, send: quinn::SendStream, recv: quinn::RecvStream, stream: u64) {
         let tx = LaneWriter::new(send);
         let mut recv = FramedRecv::new(recv, self.max_frame);
         loop {
             match recv.next::<PeerMsg>("PeerMsg").await {
-                Ok(Some(PeerMsg::Request { id, op })) => self.serve_peer(id, &op, &tx),
+                Ok(Some(PeerMsg::Request { id, op })) => self.serve_peer(id, &op, &tx, stream),
                 Ok(Some(PeerMsg::Replicate { id, mutations })) => {
                     if let Some(Mutation::ResetSlot(slot)) = mutations.first() {
                         tracing::debug!(slot, cells = mutations.len() - 1, "snapshot received");
                     }
-                    self.core().store.replicate(mutations);
+                    let now = self.now();
+                    self.core().store.replicate(mutations, now);
                     let _ = tx.send(&PeerMsg::Replicated { id });
                 }
                 Ok(Some(other)) => {
@@ -682,7 +741,8 @@ impl Cluster {
             let deadline = {
                 let core = self.core();
                 let waiting = core.waiting.iter().map(|w| if w.min_epoch <= core.view.epoch { w.not_before } else { w.deadline }).min();
-                core.store.poll_timeout().into_iter().chain(waiting).min()
+                let served = self.served(&core);
+                core.store.poll_timeout(|slot| served[slot as usize]).into_iter().chain(waiting).min()
             };
             match deadline {
                 Some(deadline) => {
@@ -701,9 +761,10 @@ impl Cluster {
             }
             let now = self.now();
             let mut core = self.core();
-            let step = core.store.handle_timeout(now);
+            let served = self.served(&core);
+            let step = core.store.handle_timeout(now, |slot| served[slot as usize]);
             if !step.replies.is_empty() || !step.mutations.is_empty() {
-                self.finish(&mut core, step);
+                self.finish(&mut core, step, None);
             }
             self.release_waiting(&mut core, now);
         }

@@ -583,7 +583,7 @@ fn actor_hook(worker: std::sync::Weak<Worker>) -> cluster::ActorHook {
 
 impl Worker {
     async fn send_actor_op(
-        &self,
+        self: &Arc<Self>,
         op: skyward_proto::cluster::Op,
         done: Box<dyn FnOnce(Result<skyward_proto::cluster::Reply, skyward_proto::cluster::ClusterError>) + Send>,
     ) {
@@ -592,6 +592,10 @@ impl Worker {
         let no_such = || ClusterError::ActorDead { actor: String::new(), reason: "this node hosts no such actor".into() };
         let hosted = |actor: u64| self.actors.lock().expect("actors").get(&actor).copied();
         type Finish = Box<dyn FnOnce(Vec<u8>) -> Reply + Send>;
+        let spawned = match &op {
+            Op::ActorSpawn { .. } => Some(self.next_actor.load(std::sync::atomic::Ordering::Relaxed)),
+            _ => None,
+        };
         let (sent, finish): (Result<_, ClusterError>, Finish) = match op {
             Op::ActorSpawn { type_name, binary, args, rank } => {
                 let actor = self.next_actor.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -614,11 +618,24 @@ impl Worker {
             other => (Err(ClusterError::BadRequest(format!("not an actor operation: {other:?}"))), Box::new(|_| Reply::Unit)),
         };
         match sent {
-            Err(e) => done(Err(e)),
+            Err(e) => {
+                if let Some(actor) = spawned {
+                    self.actors.lock().expect("actors").remove(&actor);
+                }
+                done(Err(e))
+            }
             Ok(answer) => {
+                let worker = Arc::clone(self);
                 tokio::spawn(async move {
                     let dead = || ClusterError::ActorDead { actor: String::new(), reason: "its executor exited".into() };
-                    done(answer.await.unwrap_or_else(|_| Err(dead())).map(finish));
+                    let result = answer.await.unwrap_or_else(|_| Err(dead()));
+                    // A spawn that failed leaves no entry behind.
+                    if result.is_err()
+                        && let Some(actor) = spawned
+                    {
+                        worker.actors.lock().expect("actors").remove(&actor);
+                    }
+                    done(result.map(finish));
                 });
             }
         }

@@ -160,6 +160,24 @@ impl ClusterShared {
         self.publish(&mut state);
     }
 
+    /// Node `rank` (re)connected: give it the current view (it may have missed one while its
+    /// connection was down; an older or equal epoch is ignored by the worker).
+    pub(crate) fn node_connected(&self, rank: u32, node_id: &str) {
+        let state = self.state();
+        if self.enabled
+            && state.view.epoch > 0
+            && let Some(node) = state.nodes.get(&rank).filter(|n| n.node_id == node_id)
+        {
+            node.shared.send_control([ToWorker::ClusterView(state.view.clone())]);
+        }
+    }
+
+    /// Node `rank`'s connection dropped: calls waiting on it will get no answer (the worker
+    /// answers on the connection it got them on). Their callers send again if that is safe.
+    pub(crate) fn connection_lost(&self, rank: u32) {
+        self.state().pending.retain(|_, (r, _)| *r != rank);
+    }
+
     /// Node `node_id` (rank `rank`) left the cluster.
     pub(crate) fn node_left(&self, rank: u32, node_id: &str, reason: &str) {
         if !self.enabled {

@@ -660,6 +660,7 @@ impl Actor for Node {
                 }
                 if reconnect {
                     tracing::info!(node = %shared.node_id, "worker reconnected; in-flight tasks resumed");
+                    shared.cluster.node_connected(shared.rank, &shared.node_id);
                     return Ok(());
                 }
                 // First contact: refuse a binary this node cannot run, before uploading it.
@@ -726,6 +727,7 @@ impl Actor for Node {
                     }
                     *shared.control.lock().expect("control lock") = None;
                     shared.lanes.lock().expect("lanes lock").clear();
+                    shared.cluster.connection_lost(shared.rank);
                 }
             }
             NodeMsg::Drain => {

@@ -447,7 +447,7 @@ impl Lock {
         let op = Op::LockAcquire { name: self.name.clone(), caller: caller(self.transport.as_ref()), lease: self.lease, timeout };
         let reply = self.transport.request(op).await?;
         let Reply::Lock { token, fencing, taken_over } = reply else { return Err(unexpected(Kind::Lock, &self.name, reply)) };
-        let lost: Arc<Mutex<Option<ClusterError>>> = Arc::default();
+        let lost: Arc<Mutex<Renewal>> = Arc::new(Mutex::new(Renewal { last_ok: std::time::Instant::now(), lost: None, last_error: None }));
         let renew = {
             let transport = Arc::clone(&self.transport);
             let name = self.name.clone();
@@ -456,14 +456,19 @@ impl Lock {
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(lease / 3).await;
+                    let asked = std::time::Instant::now();
                     match transport.request(Op::LockRenew { name: name.clone(), token, lease }).await {
-                        Ok(_) => {}
+                        Ok(_) => lost.lock().expect("lock state").last_ok = asked,
                         Err(e @ ClusterError::LockLost { .. }) => {
-                            *lost.lock().expect("lock state") = Some(e);
+                            lost.lock().expect("lock state").lost = Some(e);
                             return;
                         }
-                        // A transport hiccup: try again at the next tick while the lease lasts.
-                        Err(e) => tracing::warn!(lock = %name, error = %e, "lock renewal failed"),
+                        // A transport hiccup: try again at the next tick; `check` reports the
+                        // lease as lost once it ran out without a successful renewal.
+                        Err(e) => {
+                            tracing::warn!(lock = %name, error = %e, "lock renewal failed");
+                            lost.lock().expect("lock state").last_error = Some(e.to_string());
+                        }
                     }
                 }
             })
@@ -476,6 +481,7 @@ impl Lock {
             transport: Arc::clone(&self.transport),
             renew: renew.abort_handle(),
             lost,
+            lease: self.lease,
             released: false,
         })
     }
@@ -489,8 +495,16 @@ pub struct LockGuard {
     taken_over: Option<String>,
     transport: Arc<dyn Transport>,
     renew: tokio::task::AbortHandle,
-    lost: Arc<Mutex<Option<ClusterError>>>,
+    lost: Arc<Mutex<Renewal>>,
+    lease: Duration,
     released: bool,
+}
+
+/// What the renewal task learned.
+struct Renewal {
+    last_ok: std::time::Instant,
+    lost: Option<ClusterError>,
+    last_error: Option<String>,
 }
 
 impl std::fmt::Debug for LockGuard {
@@ -511,12 +525,21 @@ impl LockGuard {
         self.taken_over.as_deref()
     }
 
-    /// `Err` if the lease was lost (renewal refused): the lock may be held by someone else now.
+    /// `Err` if the lease was lost (renewal refused, or no renewal got through for a whole
+    /// lease): the lock may be held by someone else now.
     pub fn check(&self) -> Result<(), ClusterError> {
-        match self.lost.lock().expect("lock state").clone() {
-            Some(e) => Err(e),
-            None => Ok(()),
+        let state = self.lost.lock().expect("lock state");
+        if let Some(e) = &state.lost {
+            return Err(e.clone());
         }
+        if state.last_ok.elapsed() >= self.lease {
+            let why = state.last_error.clone().unwrap_or_else(|| "no answer".into());
+            return Err(ClusterError::LockLost {
+                name: self.name.clone(),
+                reason: format!("no renewal got through for a whole lease ({:?}); last error: {why}", self.lease),
+            });
+        }
+        Ok(())
     }
 
     /// Give the lock back. Fails if it had already been lost.
