@@ -31,7 +31,10 @@ type Waiters = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<CallEvent>>>>;
 
 /// An actor operation's answer from the executor.
 pub type ActorAnswer = Result<Vec<u8>, skyward_proto::cluster::ClusterError>;
-type ActorWaiters = Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<ActorAnswer>>>>;
+/// Called once with an actor operation's answer, from the executor's reader task.
+pub type ActorDone = Box<dyn FnOnce(ActorAnswer) + Send>;
+
+type ActorWaiters = Arc<Mutex<HashMap<u64, ActorDone>>>;
 
 struct Running {
     tx: UnixFrameWriter,
@@ -152,33 +155,38 @@ impl Executors {
         Ok(CallHandle { events, id, tx })
     }
 
-    /// Send an actor operation to the executor of `hash` (started if needed); the answer arrives
-    /// on the returned receiver. Operations sent one after another reach the executor in order.
-    pub async fn actor(
-        &self,
-        hash: BinaryHash,
-        op: skyward_proto::exec::ActorOp,
-    ) -> Result<tokio::sync::oneshot::Receiver<ActorAnswer>, skyward_proto::cluster::ClusterError> {
+    /// Send an actor operation to the executor of `hash` (started if needed); `done` gets the
+    /// answer (called from the executor's reader task, or here on failure). Operations sent one
+    /// after another reach the executor in order.
+    pub async fn actor(&self, hash: BinaryHash, op: skyward_proto::exec::ActorOp, done: ActorDone) {
         use skyward_proto::cluster::ClusterError;
-        let (tx, waiters) = {
+        let started = {
             let mut running = self.running.lock().await;
             let alive = running.get(&hash).is_some_and(|r| r.alive.load(Ordering::Acquire));
-            if !alive {
-                let started =
-                    self.start(hash).await.map_err(|e| ClusterError::ActorDead { actor: String::new(), reason: e.to_string() })?;
-                running.insert(hash, started);
-            }
-            let r = running.get(&hash).expect("just inserted");
-            (r.tx.clone(), Arc::clone(&r.actor_waiters))
+            let started = if alive {
+                Ok(())
+            } else {
+                self.start(hash).await.map(|r| {
+                    running.insert(hash, r);
+                })
+            };
+            started.map(|()| {
+                let r = running.get(&hash).expect("running");
+                (r.tx.clone(), Arc::clone(&r.actor_waiters))
+            })
+        };
+        let (tx, waiters) = match started {
+            Ok(parts) => parts,
+            Err(e) => return done(Err(ClusterError::ActorDead { actor: String::new(), reason: e.to_string() })),
         };
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
-        let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
-        waiters.lock().expect("waiters").insert(id, answer_tx);
+        waiters.lock().expect("waiters").insert(id, done);
         if tx.send(&ToExecutor::Actor { id, op }).is_err() {
-            waiters.lock().expect("waiters").remove(&id);
-            return Err(ClusterError::ActorDead { actor: String::new(), reason: "its executor exited".into() });
+            let waiter = waiters.lock().expect("waiters").remove(&id);
+            if let Some(done) = waiter {
+                done(Err(ClusterError::ActorDead { actor: String::new(), reason: "its executor exited".into() }));
+            }
         }
-        Ok(answer_rx)
     }
 
     async fn start(&self, hash: BinaryHash) -> Result<Running, RemoteError> {
@@ -247,8 +255,9 @@ impl Executors {
                         }
                         Ok(Some(FromExecutor::Cluster { id, op })) => cluster(id, op, reply_tx.clone()),
                         Ok(Some(FromExecutor::ActorDone { id, result })) => {
-                            if let Some(w) = reader_actor_waiters.lock().expect("waiters").remove(&id) {
-                                let _ = w.send(result.map(|b| b.into_vec()));
+                            let waiter = reader_actor_waiters.lock().expect("waiters").remove(&id);
+                            if let Some(done) = waiter {
+                                done(result.map(|b| b.into_vec()));
                             }
                         }
                         Ok(Some(FromExecutor::Done { id, result })) => {
@@ -273,8 +282,9 @@ impl Executors {
             };
             let reason = failure.map_or(reason.clone(), |f| format!("{f}; {reason}"));
             tracing::warn!(%reason, "executor ended; the next call starts a new one");
-            for (_, w) in reader_actor_waiters.lock().expect("waiters").drain() {
-                let _ = w.send(Err(skyward_proto::cluster::ClusterError::ActorDead {
+            let orphans: Vec<ActorDone> = reader_actor_waiters.lock().expect("waiters").drain().map(|(_, d)| d).collect();
+            for done in orphans {
+                done(Err(skyward_proto::cluster::ClusterError::ActorDead {
                     actor: String::new(),
                     reason: format!("the executor hosting it {reason}"),
                 }));

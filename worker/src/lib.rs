@@ -591,53 +591,37 @@ impl Worker {
         use skyward_proto::exec::ActorOp;
         let no_such = || ClusterError::ActorDead { actor: String::new(), reason: "this node hosts no such actor".into() };
         let hosted = |actor: u64| self.actors.lock().expect("actors").get(&actor).copied();
-        type Finish = Box<dyn FnOnce(Vec<u8>) -> Reply + Send>;
-        let spawned = match &op {
-            Op::ActorSpawn { .. } => Some(self.next_actor.load(std::sync::atomic::Ordering::Relaxed)),
-            _ => None,
-        };
-        let (sent, finish): (Result<_, ClusterError>, Finish) = match op {
+        match op {
             Op::ActorSpawn { type_name, binary, args, rank } => {
                 let actor = self.next_actor.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.actors.lock().expect("actors").insert(actor, binary);
                 let node_id = self.config.node_id.clone();
-                let sent = self.executors.actor(binary, ActorOp::Spawn { actor, type_name, args }).await;
-                (sent, Box::new(move |_| Reply::Actor { rank: rank.unwrap_or(u32::MAX), node_id, actor }))
-            }
-            Op::ActorCall { actor, msg, reply, .. } => match hosted(actor) {
-                Some(hash) => (self.executors.actor(hash, ActorOp::Call { actor, msg, reply }).await, Box::new(|b| Reply::Bytes(b.into()))),
-                None => (Err(no_such()), Box::new(|_| Reply::Unit)),
-            },
-            Op::ActorStop { actor, .. } => match hosted(actor.to_owned()) {
-                Some(hash) => {
-                    self.actors.lock().expect("actors").remove(&actor);
-                    (self.executors.actor(hash, ActorOp::Stop { actor }).await, Box::new(|_| Reply::Unit))
-                }
-                None => (Err(no_such()), Box::new(|_| Reply::Unit)),
-            },
-            other => (Err(ClusterError::BadRequest(format!("not an actor operation: {other:?}"))), Box::new(|_| Reply::Unit)),
-        };
-        match sent {
-            Err(e) => {
-                if let Some(actor) = spawned {
-                    self.actors.lock().expect("actors").remove(&actor);
-                }
-                done(Err(e))
-            }
-            Ok(answer) => {
                 let worker = Arc::clone(self);
-                tokio::spawn(async move {
-                    let dead = || ClusterError::ActorDead { actor: String::new(), reason: "its executor exited".into() };
-                    let result = answer.await.unwrap_or_else(|_| Err(dead()));
-                    // A spawn that failed leaves no entry behind.
-                    if result.is_err()
-                        && let Some(actor) = spawned
-                    {
+                let answer = Box::new(move |result: executor::ActorAnswer| {
+                    if result.is_err() {
+                        // A spawn that failed leaves no entry behind.
                         worker.actors.lock().expect("actors").remove(&actor);
                     }
-                    done(result.map(finish));
+                    done(result.map(|_| Reply::Actor { rank: rank.unwrap_or(u32::MAX), node_id, actor }));
                 });
+                self.executors.actor(binary, ActorOp::Spawn { actor, type_name, args }, answer).await;
             }
+            Op::ActorCall { actor, msg, reply, .. } => match hosted(actor) {
+                Some(hash) => {
+                    let answer = Box::new(move |result: executor::ActorAnswer| done(result.map(|b| Reply::Bytes(b.into()))));
+                    self.executors.actor(hash, ActorOp::Call { actor, msg, reply }, answer).await;
+                }
+                None => done(Err(no_such())),
+            },
+            Op::ActorStop { actor, .. } => match hosted(actor) {
+                Some(hash) => {
+                    self.actors.lock().expect("actors").remove(&actor);
+                    let answer = Box::new(move |result: executor::ActorAnswer| done(result.map(|_| Reply::Unit)));
+                    self.executors.actor(hash, ActorOp::Stop { actor }, answer).await;
+                }
+                None => done(Err(no_such())),
+            },
+            other => done(Err(ClusterError::BadRequest(format!("not an actor operation: {other:?}")))),
         }
     }
 }

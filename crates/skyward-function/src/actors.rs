@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 /// A remote actor: its state, how it starts, and how it handles a message.
 pub trait Actor: Send + Sized + 'static {
@@ -253,7 +253,29 @@ fn parse_hash(hex: &str) -> Option<skyward_proto::message::BinaryHash> {
 
 // -- the executor's side ------------------------------------------------------------------------
 
-type Mail = (Vec<u8>, Option<oneshot::Sender<Result<Vec<u8>, ClusterError>>>);
+/// Where a message's answer goes: called once, by the actor's own task (no task in between).
+/// Dropped unanswered (the actor's task ended), it answers that the actor stopped.
+struct Answer(Option<AnswerFn>);
+
+type AnswerFn = Box<dyn FnOnce(Result<Vec<u8>, ClusterError>) + Send>;
+
+impl Answer {
+    fn send(mut self, result: Result<Vec<u8>, ClusterError>) {
+        if let Some(done) = self.0.take() {
+            done(result);
+        }
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if let Some(done) = self.0.take() {
+            done(Err(dead("it stopped before answering")));
+        }
+    }
+}
+
+type Mail = (Vec<u8>, Option<Answer>);
 
 enum Slot {
     Alive(mpsc::UnboundedSender<Mail>),
@@ -298,14 +320,8 @@ impl Host {
                 match actors.get(&actor) {
                     Some(Slot::Alive(tx)) => {
                         if reply {
-                            let (answer_tx, answer_rx) = oneshot::channel();
-                            if tx.send((msg, Some(answer_tx))).is_err() {
-                                return done(Err(dead("it stopped")));
-                            }
-                            drop(actors);
-                            tokio::spawn(async move {
-                                done(answer_rx.await.unwrap_or_else(|_| Err(dead("it stopped before answering"))));
-                            });
+                            // A failed send drops the mail, whose answer then says the actor stopped.
+                            let _ = tx.send((msg, Some(Answer(Some(Box::new(done))))));
                         } else {
                             let sent = tx.send((msg, None));
                             drop(actors);
@@ -351,7 +367,7 @@ async fn run_actor(
         match outcome {
             Ok(result) => {
                 if let Some(answer) = answer {
-                    let _ = answer.send(result.map_err(|e| ClusterError::ActorFailed { actor: String::new(), error: Box::new(e) }));
+                    answer.send(result.map_err(|e| ClusterError::ActorFailed { actor: String::new(), error: Box::new(e) }));
                 }
             }
             Err(payload) => {
@@ -359,13 +375,13 @@ async fn run_actor(
                 let reason = format!("its handler panicked: {}{location}", crate::executor::panic_text(payload.as_ref()));
                 actors.lock().expect("actors").insert(id, Slot::Dead(reason.clone()));
                 if let Some(answer) = answer {
-                    let _ = answer.send(Err(dead(&reason)));
+                    answer.send(Err(dead(&reason)));
                 }
                 // Messages still queued die with it.
                 rx.close();
                 while let Some((_, answer)) = rx.recv().await {
                     if let Some(answer) = answer {
-                        let _ = answer.send(Err(dead(&reason)));
+                        answer.send(Err(dead(&reason)));
                     }
                 }
                 return;

@@ -678,6 +678,9 @@ impl Step {
 pub struct Store {
     cells: HashMap<CellKey, Cell>,
     parked: HashMap<CellKey, VecDeque<Parked>>,
+    /// Keys of lock cells (kept so timeouts need not scan every cell; a key whose cell is gone
+    /// is skipped).
+    locks: HashSet<CellKey>,
 }
 
 /// `now + d`, saturating: "wait forever" (`Duration::MAX`) must not overflow.
@@ -945,6 +948,7 @@ impl Store {
     }
 
     fn grant(&mut self, cell: &CellKey, request: u64, caller: Caller, lease: Duration, now: Time, step: &mut Step) {
+        self.locks.insert(cell.clone());
         let entry = self.cells.entry(cell.clone()).or_insert_with(|| Cell::Lock(LockState::default()));
         if !matches!(entry, Cell::Lock(_)) {
             *entry = Cell::Lock(LockState::default());
@@ -1005,6 +1009,7 @@ impl Store {
                             if let Some((_, _, left)) = &mut l.holder {
                                 *left = after(now, *left);
                             }
+                            self.locks.insert(cell.clone());
                             Cell::Lock(l)
                         }
                     };
@@ -1049,6 +1054,7 @@ impl Store {
     /// Forget cells of slots this node neither serves nor backs up any more.
     pub fn retain_slots(&mut self, keep: impl Fn(u32) -> bool) {
         self.cells.retain(|k, _| keep(k.slot()));
+        self.locks.retain(|k| self.cells.contains_key(k));
         // Requests parked on cells this node no longer serves are answered by the caller's view
         // change (it re-sends them to the new owner).
         self.parked.retain(|k, _| keep(k.slot()));
@@ -1149,10 +1155,10 @@ impl Store {
     pub fn poll_timeout(&self, serves: impl Fn(u32) -> bool) -> Option<Time> {
         let parked = self.parked.values().flatten().filter_map(|p| p.deadline).min();
         let leases = self
-            .cells
+            .locks
             .iter()
-            .filter(|(k, _)| serves(k.slot()))
-            .map(|(_, c)| c)
+            .filter(|k| serves(k.slot()))
+            .filter_map(|k| self.cells.get(k))
             .filter_map(|c| match c {
                 Cell::Lock(LockState { holder: Some((_, _, expiry)), .. }) => Some(*expiry),
                 _ => None,
@@ -1179,10 +1185,11 @@ impl Store {
             });
         }
         let expired: Vec<CellKey> = self
-            .cells
+            .locks
             .iter()
-            .filter(|(k, c)| serves(k.slot()) && matches!(c, Cell::Lock(LockState { holder: Some((_, _, e)), .. }) if *e <= now))
-            .map(|(k, _)| k.clone())
+            .filter(|k| serves(k.slot()))
+            .filter(|k| matches!(self.cells.get(*k), Some(Cell::Lock(LockState { holder: Some((_, _, e)), .. })) if *e <= now))
+            .cloned()
             .collect();
         for cell in expired {
             self.expire_lock(&cell, now, &mut step);
