@@ -189,6 +189,21 @@ impl Executors {
         }
     }
 
+    /// Send an actor operation now, from the caller's task, if the executor of `hash` is running
+    /// and its table is free this instant; otherwise hand `done` back (the caller queues it).
+    pub fn try_actor_now(&self, hash: BinaryHash, op: skyward_proto::exec::ActorOp, done: ActorDone) -> Option<ActorDone> {
+        let parts = self.running.try_lock().ok().and_then(|running| {
+            running.get(&hash).filter(|r| r.alive.load(Ordering::Acquire)).map(|r| (r.tx.clone(), Arc::clone(&r.actor_waiters)))
+        });
+        let Some((tx, waiters)) = parts else { return Some(done) };
+        let id = self.next_call.fetch_add(1, Ordering::Relaxed);
+        waiters.lock().expect("waiters").insert(id, done);
+        if tx.send(&ToExecutor::Actor { id, op }).is_err() {
+            return waiters.lock().expect("waiters").remove(&id);
+        }
+        None
+    }
+
     async fn start(&self, hash: BinaryHash) -> Result<Running, RemoteError> {
         let path = binary_path(&self.cache_dir, hash);
         if !path.exists() {

@@ -565,17 +565,45 @@ fn actor_hook(worker: std::sync::Weak<Worker>) -> cluster::ActorHook {
     use skyward_proto::cluster::{ClusterError, Op, Reply};
     type Job = (Op, Box<dyn FnOnce(Result<Reply, ClusterError>) + Send>);
     let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+    // Operations queued and not yet sent: while there are any, every operation queues behind
+    // them (order); when there are none, a message to a running actor is sent at once from the
+    // caller's task.
+    let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let queued_in_loop = Arc::clone(&queued);
+    let loop_worker = worker.clone();
     tokio::spawn(async move {
         while let Some((op, done)) = rx.recv().await {
-            let Some(worker) = worker.upgrade() else {
-                done(Err(ClusterError::Unavailable("the worker is shutting down".into())));
-                continue;
-            };
-            worker.send_actor_op(op, done).await;
+            match loop_worker.upgrade() {
+                Some(worker) => worker.send_actor_op(op, done).await,
+                None => done(Err(ClusterError::Unavailable("the worker is shutting down".into()))),
+            }
+            queued_in_loop.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         }
     });
-    Arc::new(move |op, done| {
+    Arc::new(move |op, done: Box<dyn FnOnce(Result<Reply, ClusterError>) + Send>| {
+        let mut done = done;
+        if let (Op::ActorCall { actor, msg, reply, .. }, Some(worker)) = (&op, worker.upgrade())
+            && queued.load(std::sync::atomic::Ordering::Acquire) == 0
+            && let Some(hash) = worker.actors.lock().expect("actors").get(actor).copied()
+        {
+            let call = skyward_proto::exec::ActorOp::Call { actor: *actor, msg: msg.clone(), reply: *reply };
+            let answer: executor::ActorDone = Box::new(move |result| done(result.map(|b| Reply::Bytes(b.into()))));
+            match worker.executors.try_actor_now(hash, call, answer) {
+                None => return,
+                // The executor is busy starting or gone: the queue path decides.
+                Some(answer) => {
+                    done = Box::new(move |result: Result<Reply, ClusterError>| {
+                        answer(result.map(|reply| match reply {
+                            Reply::Bytes(b) => b.into_vec(),
+                            _ => Vec::new(),
+                        }))
+                    })
+                }
+            }
+        }
+        queued.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         if let Err(mpsc::error::SendError((_, done))) = tx.send((op, done)) {
+            queued.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
             done(Err(ClusterError::Unavailable("the worker is shutting down".into())));
         }
     })
