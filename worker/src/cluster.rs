@@ -216,14 +216,7 @@ impl Cluster {
         if member.node_id == self.node_id {
             return self.serve_actor(request.op, request.origin);
         }
-        let op_bytes = match codec::to_bytes(&request.op) {
-            Ok(b) => b,
-            Err(e) => return request.origin.answer(Err(ClusterError::Transport(e.to_string()))),
-        };
-        let id = core.next_id;
-        core.next_id += 1;
-        core.in_flight.insert(id, InFlight { request, node_id: member.node_id.clone() });
-        self.send_peer(core, &member.node_id, &member.addr, PeerMsg::Request { id, op: op_bytes });
+        self.forward(core, request, &member);
     }
 
     fn core(&self) -> std::sync::MutexGuard<'_, Core> {
@@ -285,6 +278,11 @@ impl Cluster {
             self.wake.notify_one();
             return;
         };
+        self.forward(core, request, &member);
+    }
+
+    /// Send a client's request to the peer `member` and remember it until the answer comes.
+    fn forward(self: &Arc<Self>, core: &mut Core, request: ClientRequest, member: &skyward_proto::cluster::Member) {
         let op_bytes = match codec::to_bytes(&request.op) {
             Ok(b) => b,
             Err(e) => return request.origin.answer(Err(ClusterError::Transport(e.to_string()))),

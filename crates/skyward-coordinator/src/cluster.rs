@@ -238,6 +238,14 @@ impl ClusterShared {
             .map_err(|_| ClusterError::Unavailable(format!("the cluster did not finish re-replicating within {timeout:?}")))
     }
 
+    /// A request id and where its answer from node `rank` will arrive.
+    fn expect_answer(&self, state: &mut State, rank: u32) -> (u64, oneshot::Receiver<Answer>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        state.pending.insert(id, (rank, tx));
+        (id, rx)
+    }
+
     /// An answer from a worker.
     pub(crate) fn on_reply(&self, id: u64, result: Answer) {
         if let Some((_, tx)) = self.state().pending.remove(&id) {
@@ -269,9 +277,7 @@ impl ClusterShared {
                 match state.view.owners(&cell).and_then(|o| state.nodes.get(&o.primary).map(|n| (o.primary, Arc::clone(&n.shared)))) {
                     None => Err(epoch),
                     Some((rank, shared)) => {
-                        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                        let (tx, rx) = oneshot::channel();
-                        state.pending.insert(id, (rank, tx));
+                        let (id, rx) = self.expect_answer(&mut state, rank);
                         Ok((epoch, rank, shared, id, rx))
                     }
                 }
@@ -333,9 +339,7 @@ impl ClusterShared {
                         return Err(ClusterError::ActorDead { actor: String::new(), reason });
                     };
                     let shared = Arc::clone(&node.shared);
-                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                    let (tx, rx) = oneshot::channel();
-                    state.pending.insert(id, (rank, tx));
+                    let (id, rx) = self.expect_answer(&mut state, rank);
                     Ok((epoch, rank, shared, id, rx))
                 }
             };
@@ -378,9 +382,7 @@ impl ClusterShared {
                 .get(&rank)
                 .map(|n| Arc::clone(&n.shared))
                 .ok_or_else(|| ClusterError::Unavailable(format!("no node {rank}")))?;
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let (tx, rx) = oneshot::channel();
-            state.pending.insert(id, (rank, tx));
+            let (id, rx) = self.expect_answer(&mut state, rank);
             (shared, id, rx)
         };
         shared.send_control([ToWorker::ClusterRequest { id, op }]);
