@@ -659,7 +659,7 @@ struct Parked {
 
 /// The outcome of feeding the store: answers to send (possibly to requests parked earlier) and
 /// the mutations to ship to the backup before sending them.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Step {
     /// `(request, answer)` pairs, in order.
     pub replies: Vec<(u64, Result<Reply, ClusterError>)>,
@@ -1238,7 +1238,7 @@ mod tests {
         assert_eq!(step.replies, vec![(1, Ok(Reply::Value(None)))]);
         backup.replicate(step.mutations, T0);
         let step = primary.apply(2, dict_insert("d", "a", "2"), T0);
-        assert_eq!(one(step.clone_for_test()), Ok(Reply::Value(buf(b"1"))));
+        assert_eq!(one(step.clone()), Ok(Reply::Value(buf(b"1"))));
         backup.replicate(step.mutations, T0);
         let get = Op::DictGet { name: "d".into(), key: b"a".to_vec() };
         assert_eq!(one(backup.apply(3, get.clone(), T0)), Ok(Reply::Value(buf(b"2"))), "the backup holds the latest value");
@@ -1249,12 +1249,6 @@ mod tests {
         assert_eq!(one(primary.apply(6, Op::DictContains { name: "d".into(), key: b"a".to_vec() }, T0)), Ok(Reply::Bool(false)));
         // Reads change nothing, so nothing is shipped.
         assert!(primary.apply(7, Op::DictGet { name: "d".into(), key: b"zz".to_vec() }, T0).mutations.is_empty());
-    }
-
-    impl Step {
-        fn clone_for_test(&self) -> Step {
-            Step { replies: self.replies.clone(), mutations: self.mutations.clone() }
-        }
     }
 
     #[test]
