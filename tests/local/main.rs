@@ -10,6 +10,7 @@ mod tests_cluster;
 mod tests_container;
 mod tests_dispatch;
 mod tests_failures;
+mod tests_providers;
 mod tests_teardown;
 mod tests_transport;
 
@@ -26,6 +27,7 @@ fn main() {
     trials.extend(tests_container::trials());
     trials.extend(tests_dispatch::trials());
     trials.extend(tests_failures::trials());
+    trials.extend(tests_providers::trials());
     trials.extend(tests_teardown::trials());
     trials.extend(tests_transport::trials());
     libtest_mimic::run(&args, trials).exit();

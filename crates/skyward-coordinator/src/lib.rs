@@ -199,7 +199,7 @@ impl Compute {
         if let Some(image) = &self.image {
             image.validate().map_err(|e| StartError::Invalid(format!("image: {e}")))?;
         }
-        let ctx = PoolContext { pool_id: pool_id.clone(), state_dir, image: self.image.clone().filter(|i| !i.is_empty()) };
+        let ctx = PoolContext { pool_id: pool_id.clone(), state_dir, image: self.image.clone().filter(|i| !i.is_empty()), placement: None };
         let binary_path = match self.binary.clone() {
             Some(p) => p,
             None => std::env::current_exe().map_err(|e| StartError::Binary(format!("cannot locate this executable: {e}")))?,

@@ -265,20 +265,6 @@ impl Container {
         if self.ssh_user == "root" { "/var/lib/skyward".into() } else { format!("/home/{}/.skyward", self.ssh_user) }
     }
 
-    fn resolve_worker(&self) -> Result<PathBuf, ProviderError> {
-        if let Some(p) = &self.worker_binary {
-            return if p.is_file() { Ok(p.clone()) } else { Err(invalid(format!("worker binary {} is not a file", p.display()))) };
-        }
-        match crate::Local::default().resolve_launch()? {
-            crate::local::WorkerLaunch::Binary(p) => Ok(p),
-            crate::local::WorkerLaunch::Embedded(_) => Err(invalid(format!(
-                "no skyward-worker executable found next to this program (hint: `cargo build -p skyward-worker`, \
-                 or set {}=/path/to/skyward-worker)",
-                crate::local::ENV_WORKER_BIN
-            ))),
-        }
-    }
-
     /// Run the runtime CLI with `args`; its stdout, or an error carrying its stderr.
     async fn cli(&self, operation: &'static str, args: &[&str]) -> Result<String, ProviderError> {
         run_cli(self.runtime, operation, args).await
@@ -316,35 +302,8 @@ impl Container {
         self.cli("checking the container runtime", &["version", "--format", "{{.Server.Version}}"]).await.map_err(|e| {
             invalid(format!("{} is not usable: {e} (hint: is the daemon running and may this user talk to it?)", self.runtime.program()))
         })?;
-        let worker = self.resolve_worker()?;
-        let worker_sha256 = {
-            let path = worker.clone();
-            tokio::task::spawn_blocking(move || crate::sha256_file(&path).map(|(hash, _)| crate::hex(&hash)))
-                .await
-                .map_err(|e| failed("prepare", e.to_string()))?
-                .map_err(|e| failed("prepare", format!("cannot read {}: {e}", worker.display())))?
-        };
-        let image_script = match &pool.image {
-            Some(image) => {
-                let script = image.render().map_err(|e| invalid(format!("image: {e}")))?;
-                let hash = image.hash().map_err(|e| invalid(format!("image: {e}")))?;
-                Some((script, hash))
-            }
-            None => None,
-        };
-        let syncs = match &pool.image {
-            Some(image) if !image.syncs().is_empty() => {
-                let dirs = image.syncs().to_vec();
-                tokio::task::spawn_blocking(move || dirs.iter().map(|d| d.pack()).collect::<Result<Vec<_>, _>>())
-                    .await
-                    .map_err(|e| failed("prepare", e.to_string()))?
-                    .map_err(|e| invalid(e.to_string()))?
-            }
-            _ => Vec::new(),
-        };
-        for s in &syncs {
-            tracing::info!(remote = %s.remote, files = s.files, bytes = s.archive.len(), skipped_links = s.skipped, "files to sync");
-        }
+        let crate::payload::Payload { worker, worker_sha256, image_script, syncs } =
+            crate::payload::prepare(NAME, self.worker_binary.as_deref(), pool).await?;
         let base = match &self.image {
             Some(i) => i.clone(),
             None => self.ensure_base_image(pool).await?,
@@ -868,7 +827,7 @@ impl Provider for Container {
     }
 
     fn offers(&self) -> BoxFuture<'_, Result<Vec<Offer>, ProviderError>> {
-        Box::pin(async { Ok(vec![Offer { provider: NAME, instance_type: "container".into(), hourly_price: 0.0 }]) })
+        Box::pin(async { Ok(vec![crate::offers::this_machine(NAME, "container")]) })
     }
 
     fn prepare<'a>(&'a self, pool: &'a PoolContext) -> BoxFuture<'a, Result<(), ProviderError>> {

@@ -6,18 +6,34 @@
 //! Architecture invariant: providers never depend on the coordinator; the coordinator drives them
 //! through this trait only. "Terminated" means the provider confirmed it.
 
+pub mod catalog;
 #[cfg(feature = "container")]
 pub mod container;
+#[cfg(feature = "cloud")]
+pub mod http;
 pub mod image;
 pub mod local;
+#[cfg(feature = "cloud")]
+pub mod machines;
+pub mod offers;
+#[cfg(feature = "container")]
+mod payload;
+#[cfg(feature = "runpod")]
+pub mod runpod;
 pub mod secret;
+pub mod select;
 pub mod sync;
+#[cfg(feature = "vastai")]
+pub mod vastai;
 
+pub use catalog::{Accelerator, accelerators};
 #[cfg(feature = "container")]
 pub use container::Container;
 pub use image::{Image, ImageError};
 pub use local::Local;
+pub use offers::{Architecture, Billing, InstanceType, Offer, OfferAccelerator, OfferCache};
 pub use secret::Secret;
+pub use select::{Allocation, Attempt, Candidate, FailureKind, NoOffers, Selection, Spec};
 pub use sync::SyncDir;
 
 use futures::future::BoxFuture;
@@ -63,6 +79,24 @@ pub struct PoolContext {
     pub state_dir: std::path::PathBuf,
     /// What every node needs before tasks run (providers with machines apply it).
     pub image: Option<Image>,
+    /// The offer chosen for this start; `None` for providers that sell nothing (Local, Container
+    /// when started without specs).
+    pub placement: Option<Placement>,
+}
+
+/// The offer a start buys and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    /// The offer.
+    pub offer: Offer,
+    /// Bought as spot (interruptible).
+    pub spot: bool,
+    /// Price per node-hour the selection saw, USD.
+    pub node_price: f64,
+    /// The spec's cap per node-hour, for providers whose live price can differ from the catalog.
+    pub max_hourly_cost: Option<f64>,
+    /// Boot disk per node, GB (`None`: the provider's default).
+    pub disk_gb: Option<u32>,
 }
 
 /// Where a worker keeps its files on its machine.
@@ -113,17 +147,6 @@ pub struct Instance {
     pub address: Option<String>,
 }
 
-/// A purchasable configuration (the full catalog arrives with the offers work).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Offer {
-    /// Provider name.
-    pub provider: &'static str,
-    /// Instance type name.
-    pub instance_type: String,
-    /// Price per node-hour in USD (0 for local).
-    pub hourly_price: f64,
-}
-
 /// Errors from a provider, classified for retry and fallback decisions.
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
@@ -138,6 +161,40 @@ pub enum ProviderError {
     /// The request is invalid (bad configuration).
     #[error("{provider}: invalid request: {message}")]
     Invalid {
+        /// Provider name.
+        provider: &'static str,
+        /// Details.
+        message: String,
+    },
+    /// An account limit or balance stops the request.
+    #[error("{provider}: quota or balance exceeded: {message}")]
+    Quota {
+        /// Provider name.
+        provider: &'static str,
+        /// Details.
+        message: String,
+    },
+    /// Credentials are missing, malformed or refused.
+    #[error("{provider}: authentication failed: {message}")]
+    Auth {
+        /// Provider name.
+        provider: &'static str,
+        /// Details, with a hint naming the setting or variable to fix.
+        message: String,
+    },
+    /// The provider kept throttling past the retries.
+    #[error("{provider}: {operation} rate limited: {message}")]
+    RateLimited {
+        /// Provider name.
+        provider: &'static str,
+        /// What was attempted.
+        operation: &'static str,
+        /// Details.
+        message: String,
+    },
+    /// The live price is above the spec's cap.
+    #[error("{provider}: price above max_hourly_cost: {message}")]
+    PriceCap {
         /// Provider name.
         provider: &'static str,
         /// Details.
@@ -182,8 +239,19 @@ pub trait Provider: Send + Sync + fmt::Debug + 'static {
     /// Whether nodes share a private network (cluster mode by default).
     fn cluster_by_default(&self) -> bool;
 
-    /// Offers for this provider.
+    /// The provider's whole catalog, normalised (filtering happens in selection).
     fn offers(&self) -> BoxFuture<'_, Result<Vec<Offer>, ProviderError>>;
+
+    /// Key of this provider's catalog in the offer cache: the name, plus whatever configuration
+    /// changes what `offers` returns (a region, a marketplace filter).
+    fn offer_cache_key(&self) -> String {
+        self.name().to_string()
+    }
+
+    /// How long a fetched catalog stays fresh: marketplaces minutes, clouds a day.
+    fn offer_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(24 * 3600)
+    }
 
     /// Create per-pool resources (networks, keys, security groups).
     fn prepare<'a>(&'a self, pool: &'a PoolContext) -> BoxFuture<'a, Result<(), ProviderError>>;

@@ -161,7 +161,7 @@ impl Provider for Local {
     }
 
     fn offers(&self) -> BoxFuture<'_, Result<Vec<Offer>, ProviderError>> {
-        Box::pin(async { Ok(vec![Offer { provider: NAME, instance_type: "local-process".into(), hourly_price: 0.0 }]) })
+        Box::pin(async { Ok(vec![crate::offers::this_machine(NAME, "local-process")]) })
     }
 
     fn prepare<'a>(&'a self, pool: &'a PoolContext) -> BoxFuture<'a, Result<(), ProviderError>> {
