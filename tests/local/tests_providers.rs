@@ -30,3 +30,103 @@ pub(crate) fn trials() -> Vec<Trial> {
     }
     trials
 }
+
+#[skyward::function]
+async fn provider_echo(x: u32) -> u32 {
+    x + 1
+}
+
+/// Trials that start whole pools across providers (fallback, errors listing every attempt).
+pub(crate) fn start_trials() -> Vec<Trial> {
+    vec![
+        Trial::test("providers::fallback_crosses_providers", || crate::support::block_on(fallback_crosses_providers())),
+        Trial::test("providers::all_attempts_failed_lists_each", || crate::support::block_on(all_attempts_failed_lists_each())),
+        Trial::test("providers::no_offers_shows_the_funnel", || crate::support::block_on(no_offers_shows_the_funnel())),
+    ]
+}
+
+/// The mocks' machines never run a worker: any file stands in for the static worker.
+fn any_file() -> anyhow::Result<std::path::PathBuf> {
+    Ok(std::env::current_exe()?)
+}
+
+fn cache_dir(name: &str) -> skyward::OfferCache {
+    skyward::OfferCache::new(std::env::temp_dir().join(format!("skyward-test-offers-{name}-{}", std::process::id())))
+}
+
+/// RunPod has the first offer but no capacity: the start falls back to another provider, and
+/// the pool says what was tried.
+async fn fallback_crosses_providers() -> anyhow::Result<()> {
+    use skyward::{Compute, Local, Selection, Spec, accelerators};
+    use skyward_testkit::kit::CloudUnderTest;
+    let mock = skyward_testkit::runpod::RunPodMock::start(KEY).await?;
+    mock.server.inject("create", mock.capacity());
+    let runpod = mock.settings(KEY).provider()?.worker_binary(any_file()?);
+    let pool = Compute::from_specs([Spec::new(runpod).accelerator(accelerators::rtx_4090()), Spec::new(Local::default())])
+        .selection(Selection::First)
+        .offer_cache(cache_dir("fallback"))
+        .options(crate::support::test_options())
+        .start()
+        .await?;
+    let offer = pool.offer().expect("an offer").clone();
+    anyhow::ensure!(offer.provider == "local", "started on {}", offer.provider);
+    let attempts = pool.start_attempts().to_vec();
+    anyhow::ensure!(attempts.len() == 1, "attempts: {attempts:?}");
+    anyhow::ensure!(attempts[0].kind == skyward::FailureKind::Capacity, "{:?}", attempts[0]);
+    anyhow::ensure!(attempts[0].offer.starts_with("runpod RTX 4090"), "{}", attempts[0].offer);
+    anyhow::ensure!(pool.run(provider_echo(41)).await? == 42);
+    pool.shutdown().await?;
+    anyhow::ensure!(mock.live().is_empty(), "pods left: {:?}", mock.live());
+    anyhow::ensure!(mock.server.count("create") == 1, "{} creates", mock.server.count("create"));
+    Ok(())
+}
+
+/// Every offer fails: the error lists each attempt with its reason, a listing failure included.
+async fn all_attempts_failed_lists_each() -> anyhow::Result<()> {
+    use skyward::{Compute, Spec, StartError, accelerators};
+    use skyward_testkit::kit::CloudUnderTest;
+    let runpod = skyward_testkit::runpod::RunPodMock::start(KEY).await?;
+    for _ in 0..5 {
+        runpod.server.inject("create", runpod.capacity());
+    }
+    let vast = skyward_testkit::vastai::VastAiMock::start(KEY).await?;
+    let vast_bad_key = vast.settings("not-the-key").provider()?.worker_binary(any_file()?);
+    let error = Compute::from_specs([
+        Spec::new(runpod.settings(KEY).provider()?.worker_binary(any_file()?)).accelerator(accelerators::h100()),
+        Spec::new(vast_bad_key).accelerator(accelerators::h100()),
+    ])
+    .max_attempts(2)
+    .offer_cache(cache_dir("all-fail"))
+    .options(crate::support::test_options())
+    .start()
+    .await
+    .err()
+    .ok_or_else(|| anyhow::anyhow!("the start succeeded"))?;
+    let StartError::AllAttemptsFailed { attempts } = &error else { anyhow::bail!("expected AllAttemptsFailed, got {error:?}") };
+    anyhow::ensure!(attempts.len() == 3, "{attempts:#?}");
+    let text = error.to_string();
+    anyhow::ensure!(text.contains("vastai (listing offers): auth") && text.contains("hint: check VAST_API_KEY"), "{text}");
+    anyhow::ensure!(text.matches("runpod H100").count() == 2 && text.contains("no capacity"), "{text}");
+    anyhow::ensure!(!text.contains(KEY) && !text.contains("not-the-key"), "a credential in: {text}");
+    anyhow::ensure!(runpod.live().is_empty(), "pods left: {:?}", runpod.live());
+    Ok(())
+}
+
+/// Nothing matches: the error shows, per spec, how many offers each requirement rejected.
+async fn no_offers_shows_the_funnel() -> anyhow::Result<()> {
+    use skyward::{Compute, Local, Spec, StartError, accelerators};
+    let error = Compute::from_specs([Spec::new(Local::default()).accelerator(accelerators::h100().count(8))])
+        .offer_cache(cache_dir("none"))
+        .start()
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("a Local pool with 8 H100s started"))?;
+    anyhow::ensure!(matches!(error, StartError::NoOffers(_)), "{error:?}");
+    let text = error.to_string();
+    anyhow::ensure!(
+        text.contains("local: 1 offers for 1 node of H100 x8, spot if available; 1 without an accelerator; 0 matched"),
+        "{text}"
+    );
+    anyhow::ensure!(text.contains("hint:"), "{text}");
+    Ok(())
+}

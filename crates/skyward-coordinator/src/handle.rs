@@ -129,6 +129,8 @@ struct Inner {
     next_task: AtomicU64,
     closed: AtomicBool,
     facts: OnceLock<Vec<WorkerFacts>>,
+    /// Offers that failed before this pool started.
+    attempts: Vec<skyward_provider::Attempt>,
 }
 
 /// A running pool. Every node is torn down by [`Pool::shutdown`], or when the pool is dropped.
@@ -170,6 +172,7 @@ impl Pool {
         tm: ActorRef<TmMsg>,
         endpoint: quinn::Endpoint,
         acceptor: tokio::task::JoinHandle<()>,
+        attempts: Vec<skyward_provider::Attempt>,
     ) -> Self {
         install_signal_handler();
         LIVE_POOLS.lock().expect("live pools").push((shared.pool_id.clone(), Arc::clone(&shared.provider), shared.ctx.clone()));
@@ -187,6 +190,7 @@ impl Pool {
                 next_task: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
                 facts: OnceLock::new(),
+                attempts,
             }),
         }
     }
@@ -197,6 +201,22 @@ impl Pool {
 
     pub(crate) fn set_facts(&self, facts: Vec<WorkerFacts>) {
         let _ = self.inner.facts.set(facts);
+    }
+
+    /// The offer this pool runs on (provider, instance type, region, price).
+    pub fn offer(&self) -> Option<&skyward_provider::Offer> {
+        self.inner.shared.ctx.placement.as_ref().map(|p| &p.offer)
+    }
+
+    /// Whether the nodes were bought as spot, and the price per node-hour the start saw.
+    pub fn price(&self) -> Option<(bool, f64)> {
+        self.inner.shared.ctx.placement.as_ref().map(|p| (p.spot, p.node_price))
+    }
+
+    /// Offers tried and failed before this one, with their reasons (empty when the first
+    /// offer started).
+    pub fn start_attempts(&self) -> &[skyward_provider::Attempt] {
+        &self.inner.attempts
     }
 
     /// This pool's id (every resource it creates carries it).

@@ -24,7 +24,8 @@ pub use task_manager::{Placement, TaskStats};
 
 use pool::{PoolActor, PoolArgs, PoolShared};
 use ractor::Actor;
-use skyward_provider::{Image, PoolContext, Provider};
+use skyward_provider::select::{self, Attempt, Candidate, FailureKind, NoOffers, Selection, Spec};
+use skyward_provider::{Image, Offer, OfferCache, PoolContext, Provider};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -116,6 +117,8 @@ pub enum StartError {
         pool_id: String,
         /// What failed.
         reason: String,
+        /// The provider's failure kind, when provisioning failed.
+        kind: Option<FailureKind>,
     },
     /// Not every node was ready in time.
     #[error("pool {pool_id}: only {ready} of {wanted} nodes ready after {after:?}")]
@@ -132,13 +135,56 @@ pub enum StartError {
     /// The actor system failed.
     #[error("coordinator failed to start: {0}")]
     Actor(String),
+    /// No offer of any spec satisfies it (each spec's rejections are listed).
+    #[error("{0}")]
+    NoOffers(NoOffers),
+    /// Every offer tried failed; each attempt, in order, with its reason.
+    #[error("{}", describe_attempts(attempts))]
+    AllAttemptsFailed {
+        /// The attempts, in the order they were made.
+        attempts: Vec<Attempt>,
+    },
 }
 
-/// A description of compute to start: provider, node count, worker settings, options.
+fn describe_attempts(attempts: &[Attempt]) -> String {
+    let mut s = format!("no offer could be started ({} attempt{}):", attempts.len(), if attempts.len() == 1 { "" } else { "s" });
+    for (i, a) in attempts.iter().enumerate() {
+        s.push_str(&format!("\n  {}. {a}", i + 1));
+    }
+    if attempts.iter().any(|a| a.kind == FailureKind::Auth) {
+        s.push_str("\nhint: fix the credentials named above, or drop that provider's spec");
+    } else if attempts.iter().all(|a| matches!(a.kind, FailureKind::Capacity | FailureKind::PriceCap)) {
+        s.push_str("\nhint: add a spec for another provider or accelerator, raise max_hourly_cost, or allow spot and on-demand");
+    }
+    s
+}
+
+impl StartError {
+    /// The fallback kind of this failure, when a provider said why.
+    fn kind(&self) -> Option<FailureKind> {
+        match self {
+            Self::Provider(e) => Some(FailureKind::of(e)),
+            Self::Node { kind, .. } => *kind,
+            _ => None,
+        }
+    }
+}
+
+/// A description of compute to start: one or more specs (provider, accelerator, nodes, ...),
+/// how to choose among their offers, worker settings and options.
+///
+/// With several specs (or a spec whose provider sells several offers) the start tries the
+/// ranked offers in order, up to `max_attempts`: an offer that fails for capacity, quota,
+/// credentials, price or an API error falls back to the next one, whatever its provider; a
+/// bootstrap failure or an invalid request stops the start (it would fail the same way again).
 #[derive(Debug)]
 pub struct Compute {
-    provider: Arc<dyn Provider>,
-    nodes: u32,
+    specs: Vec<Spec>,
+    nodes: Option<u32>,
+    selection: Selection,
+    max_attempts: usize,
+    offer_cache: OfferCache,
+    refresh_offers: bool,
     worker: Worker,
     options: Options,
     binary: Option<PathBuf>,
@@ -146,14 +192,54 @@ pub struct Compute {
 }
 
 impl Compute {
-    /// Compute from `provider`, one node by default.
+    /// Compute from `provider`, one node by default, any offer.
     pub fn new(provider: impl Provider) -> Self {
-        Self { provider: Arc::new(provider), nodes: 1, worker: Worker::default(), options: Options::default(), binary: None, image: None }
+        Self::from_specs([Spec::new(provider)])
     }
 
-    /// Number of nodes.
+    /// Compute from several specs, tried in the order `selection` gives.
+    pub fn from_specs(specs: impl IntoIterator<Item = Spec>) -> Self {
+        Self {
+            specs: specs.into_iter().collect(),
+            nodes: None,
+            selection: Selection::default(),
+            max_attempts: 5,
+            offer_cache: OfferCache::default_location(),
+            refresh_offers: false,
+            worker: Worker::default(),
+            options: Options::default(),
+            binary: None,
+            image: None,
+        }
+    }
+
+    /// Number of nodes (overrides every spec's).
     pub fn nodes(mut self, nodes: u32) -> Self {
-        self.nodes = nodes;
+        self.nodes = Some(nodes);
+        self
+    }
+
+    /// Cheapest pool first (default) or specs in order.
+    pub fn selection(mut self, selection: Selection) -> Self {
+        self.selection = selection;
+        self
+    }
+
+    /// How many offers a start tries before it gives up (default 5).
+    pub fn max_attempts(mut self, attempts: usize) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// Where provider catalogs are cached (default `~/.skyward/offers`).
+    pub fn offer_cache(mut self, cache: OfferCache) -> Self {
+        self.offer_cache = cache;
+        self
+    }
+
+    /// Fetch every provider's catalog even when the cache is fresh.
+    pub fn refresh_offers(mut self, refresh: bool) -> Self {
+        self.refresh_offers = refresh;
         self
     }
 
@@ -182,9 +268,63 @@ impl Compute {
         self
     }
 
-    /// Start the pool and wait until every node is ready.
+    /// The ranked offers a start would try, without starting anything.
+    pub async fn plan(&self) -> Result<Vec<Candidate>, StartError> {
+        self.candidates().await.map(|(c, _)| c)
+    }
+
+    /// Fetch (or read from the cache) every spec's offers and rank them. Specs whose provider
+    /// cannot list offers become failed attempts, so one bad credential does not hide the
+    /// other providers.
+    async fn candidates(&self) -> Result<(Vec<Candidate>, Vec<Attempt>), StartError> {
+        if self.specs.is_empty() {
+            return Err(StartError::Invalid("no spec: give Compute a provider or at least one Spec".into()));
+        }
+        let specs: Vec<Spec> = self
+            .specs
+            .iter()
+            .map(|s| {
+                let mut s = s.clone();
+                if let Some(n) = self.nodes {
+                    s.requirements.nodes = n;
+                }
+                s
+            })
+            .collect();
+        for s in &specs {
+            s.validate().map_err(StartError::Invalid)?;
+        }
+        let fetched = futures::future::join_all(specs.iter().map(|s| self.offer_cache.offers(&*s.provider, self.refresh_offers))).await;
+        let mut failures = Vec::new();
+        let mut lists: Vec<Vec<Offer>> = Vec::with_capacity(specs.len());
+        for (spec, result) in specs.iter().zip(fetched) {
+            match result {
+                Ok((offers, freshness)) => {
+                    tracing::debug!(provider = spec.provider.name(), offers = offers.len(), ?freshness, "offers");
+                    lists.push(offers);
+                }
+                Err(e) => {
+                    failures.push(Attempt {
+                        offer: format!("{} (listing offers)", spec.provider.name()),
+                        kind: FailureKind::of(&e),
+                        message: e.to_string(),
+                    });
+                    lists.push(Vec::new());
+                }
+            }
+        }
+        let view: Vec<(&select::Requirements, &str, &[Offer])> =
+            specs.iter().zip(&lists).map(|(s, o)| (&s.requirements, s.provider.name(), o.as_slice())).collect();
+        match select::select(&view, self.selection, self.max_attempts) {
+            Ok(c) => Ok((c, failures)),
+            Err(_) if !failures.is_empty() && lists.iter().all(Vec::is_empty) => Err(StartError::AllAttemptsFailed { attempts: failures }),
+            Err(no) => Err(StartError::NoOffers(no)),
+        }
+    }
+
+    /// Start the pool and wait until every node is ready, falling back across offers.
     pub async fn start(self) -> Result<Pool, StartError> {
-        if self.nodes == 0 {
+        if self.nodes == Some(0) {
             return Err(StartError::Invalid("nodes must be at least 1".into()));
         }
         if self.options.stream_window == 0 {
@@ -193,31 +333,74 @@ impl Compute {
         if self.worker.concurrency == 0 {
             return Err(StartError::Invalid("Worker { concurrency } must be at least 1".into()));
         }
-        let started_at = Instant::now();
-        let pool_id = format!("sky-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        let state_dir = skyward_provider::local::skyward_home().join("pools").join(&pool_id);
         if let Some(image) = &self.image {
             image.validate().map_err(|e| StartError::Invalid(format!("image: {e}")))?;
         }
-        let ctx = PoolContext { pool_id: pool_id.clone(), state_dir, image: self.image.clone().filter(|i| !i.is_empty()), placement: None };
+        let (candidates, mut attempts) = self.candidates().await?;
+        let specs = self.specs.clone();
+        let total = candidates.len();
+        for (i, candidate) in candidates.into_iter().enumerate() {
+            let spec = &specs[candidate.spec];
+            let nodes = self.nodes.unwrap_or(spec.requirements.nodes);
+            tracing::info!(offer = %select::describe_candidate(&candidate), nodes, attempt = i + 1, of = total, "starting");
+            match self.start_on(spec, &candidate, nodes, attempts.clone()).await {
+                Ok(pool) => return Ok(pool),
+                Err(e) => {
+                    let kind = e.kind();
+                    tracing::warn!(offer = %select::describe_candidate(&candidate), error = %e, "start attempt failed");
+                    match kind {
+                        Some(k) if k.falls_back() => attempts.push(Attempt::failed(&candidate, k, e.to_string())),
+                        // Not worth another offer: show what was tried before, if anything.
+                        _ if attempts.is_empty() => return Err(e),
+                        Some(k) => {
+                            attempts.push(Attempt::failed(&candidate, k, e.to_string()));
+                            return Err(StartError::AllAttemptsFailed { attempts });
+                        }
+                        None => return Err(e),
+                    }
+                }
+            }
+        }
+        Err(StartError::AllAttemptsFailed { attempts })
+    }
+
+    /// One attempt: prepare the spec's provider with the candidate as placement, start.
+    async fn start_on(&self, spec: &Spec, candidate: &Candidate, nodes: u32, attempts: Vec<Attempt>) -> Result<Pool, StartError> {
+        let started_at = Instant::now();
+        let provider = Arc::clone(&spec.provider);
+        let pool_id = format!("sky-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let state_dir = skyward_provider::local::skyward_home().join("pools").join(&pool_id);
+        let placement = skyward_provider::Placement {
+            offer: candidate.offer.clone(),
+            spot: candidate.spot,
+            node_price: candidate.node_price,
+            max_hourly_cost: spec.requirements.max_hourly_cost,
+            disk_gb: spec.disk_gb,
+        };
+        let ctx = PoolContext {
+            pool_id: pool_id.clone(),
+            state_dir,
+            image: self.image.clone().filter(|i| !i.is_empty()),
+            placement: Some(placement),
+        };
         let binary_path = match self.binary.clone() {
             Some(p) => p,
             None => std::env::current_exe().map_err(|e| StartError::Binary(format!("cannot locate this executable: {e}")))?,
         };
         let inspect = tokio::task::spawn_blocking(move || binary::inspect(&binary_path));
-        if let Err(e) = self.provider.prepare(&ctx).await {
+        if let Err(e) = provider.prepare(&ctx).await {
             // What `prepare` created before it failed (a network, a bake container) goes too.
-            if let Err(teardown) = self.provider.teardown(&ctx).await {
+            if let Err(teardown) = provider.teardown(&ctx).await {
                 tracing::error!(error = %teardown, "teardown after a failed prepare");
             }
             let _ = std::fs::remove_dir_all(&ctx.state_dir);
             return Err(e.into());
         }
-        match self.start_prepared(ctx.clone(), pool_id, inspect, started_at).await {
+        match self.start_prepared(provider.clone(), ctx.clone(), nodes, pool_id, inspect, started_at, attempts).await {
             Ok(pool) => Ok(pool),
             Err(e) => {
                 // Whatever `prepare` created goes away with the failed start.
-                if let Err(teardown) = self.provider.teardown(&ctx).await {
+                if let Err(teardown) = provider.teardown(&ctx).await {
                     tracing::error!(error = %teardown, "teardown after a failed start");
                 }
                 let _ = std::fs::remove_dir_all(&ctx.state_dir);
@@ -226,21 +409,25 @@ impl Compute {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn start_prepared(
         &self,
+        provider: Arc<dyn Provider>,
         ctx: PoolContext,
+        nodes: u32,
         pool_id: String,
         inspect: tokio::task::JoinHandle<Result<binary::ShippedBinary, String>>,
         started_at: Instant,
+        attempts: Vec<Attempt>,
     ) -> Result<Pool, StartError> {
         let binary = Arc::new(inspect.await.map_err(|e| StartError::Binary(e.to_string()))?.map_err(StartError::Binary)?);
 
         let ca = skyward_net::PoolCa::generate(&pool_id).map_err(|e| StartError::Transport(e.to_string()))?;
         let server_cert = ca.issue_server().map_err(|e| StartError::Transport(e.to_string()))?;
         let idle = self.options.lost_after.max(Duration::from_secs(10));
-        let cluster = self.options.cluster.unwrap_or_else(|| self.provider.cluster_by_default());
+        let cluster = self.options.cluster.unwrap_or_else(|| provider.cluster_by_default());
         let (endpoint, tunnel) = if cluster {
-            let bind = SocketAddr::new(self.provider.coordinator_bind(&ctx), 0);
+            let bind = SocketAddr::new(provider.coordinator_bind(&ctx), 0);
             (skyward_net::server_endpoint(bind, ca.cert(), &server_cert, idle).map_err(|e| StartError::Transport(e.to_string()))?, None)
         } else {
             let socket = skyward_net::TunnelSocket::new(skyward_net::TunnelSocket::coordinator_addr());
@@ -253,7 +440,7 @@ impl Compute {
         let shared = Arc::new(PoolShared {
             pool_id: pool_id.clone(),
             ctx,
-            provider: Arc::clone(&self.provider),
+            provider: Arc::clone(&provider),
             ca,
             server_addr,
             epoch: Instant::now(),
@@ -268,8 +455,8 @@ impl Compute {
         let (tm, _) = Actor::spawn(None, TaskManager, TmArgs { max_retries: self.options.max_retries, pool_id: pool_id.clone() })
             .await
             .map_err(|e| StartError::Actor(e.to_string()))?;
-        let pool = Pool::new(Arc::clone(&shared), tm.clone(), endpoint, acceptor);
-        let (actor, _) = Actor::spawn(None, PoolActor, PoolArgs { shared: Arc::clone(&shared), nodes: self.nodes, tm })
+        let pool = Pool::new(Arc::clone(&shared), tm.clone(), endpoint, acceptor, attempts);
+        let (actor, _) = Actor::spawn(None, PoolActor, PoolArgs { shared: Arc::clone(&shared), nodes, tm })
             .await
             .map_err(|e| StartError::Actor(e.to_string()))?;
         pool.set_actor(actor.clone());
@@ -280,9 +467,9 @@ impl Compute {
                 pool.set_facts(facts);
                 Ok(pool)
             }
-            Ok(Ok(Err(reason))) => {
+            Ok(Ok(Err(failure))) => {
                 let _ = pool.shutdown_ref().await;
-                Err(StartError::Node { pool_id, reason })
+                Err(StartError::Node { pool_id, reason: failure.message, kind: failure.kind })
             }
             Ok(Err(e)) => {
                 let _ = pool.shutdown_ref().await;
@@ -291,7 +478,7 @@ impl Compute {
             Err(_) => {
                 let ready = pool.stats().await.map(|s| s.ready_nodes).unwrap_or(0);
                 let _ = pool.shutdown_ref().await;
-                Err(StartError::Timeout { pool_id, ready, wanted: self.nodes, after: self.options.start_timeout })
+                Err(StartError::Timeout { pool_id, ready, wanted: nodes, after: self.options.start_timeout })
             }
         }
     }

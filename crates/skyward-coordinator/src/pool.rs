@@ -16,6 +16,7 @@ use rustls_pki_types::pem::PemObject;
 use skyward_net::{FramedRecv, PoolCa};
 use skyward_proto::message::{ToCoordinator, WorkerFacts};
 use skyward_proto::session::{CoordinatorSession, CoordinatorSessionConfig};
+use skyward_provider::FailureKind;
 use skyward_provider::{PoolContext, Provider, ProvisionRequest, Secret};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -47,12 +48,20 @@ pub(crate) struct PoolShared {
 
 /// Messages of the Pool actor.
 pub(crate) enum PoolMsg {
-    Provisioned { rank: u32, node_id: String, result: Result<String, String> },
+    Provisioned { rank: u32, node_id: String, result: Result<String, (FailureKind, String)> },
     NodeReady { rank: u32, facts: WorkerFacts },
     NodeFailed { rank: u32, error: String },
     NodeLost { rank: u32, node_id: String },
-    WaitReady(RpcReplyPort<Result<Vec<WorkerFacts>, String>>),
+    WaitReady(RpcReplyPort<Result<Vec<WorkerFacts>, StartFailure>>),
     Shutdown(RpcReplyPort<Result<(), String>>),
+}
+
+/// Why a pool did not start: the provider's failure kind when a provision failed (the start may
+/// fall back to the next offer), and the message.
+#[derive(Debug, Clone)]
+pub(crate) struct StartFailure {
+    pub(crate) kind: Option<FailureKind>,
+    pub(crate) message: String,
 }
 
 impl std::fmt::Debug for PoolMsg {
@@ -90,8 +99,8 @@ pub(crate) struct PoolState {
     tm: ActorRef<TmMsg>,
     provisioner: Option<ActorRef<ProvisionerMsg>>,
     nodes: HashMap<u32, NodeRecord>,
-    waiters: Vec<RpcReplyPort<Result<Vec<WorkerFacts>, String>>>,
-    start_error: Option<String>,
+    waiters: Vec<RpcReplyPort<Result<Vec<WorkerFacts>, StartFailure>>>,
+    start_error: Option<StartFailure>,
     started: bool,
     generation: u64,
     shutting_down: bool,
@@ -262,7 +271,16 @@ impl Actor for PoolActor {
                         record.instance_id = Some(instance_id.clone());
                         record.actor.cast(NodeMsg::Provisioned { instance_id })?;
                     }
-                    Err(error) => {
+                    Err((kind, error)) if !state.started => {
+                        // Typed, so that the start can fall back to the next offer.
+                        let node = record.node_id.clone();
+                        state.start_error.get_or_insert(StartFailure {
+                            kind: Some(kind),
+                            message: format!("node {rank} ({node}): provisioning failed: {error}"),
+                        });
+                        state.answer_waiters();
+                    }
+                    Err((_, error)) => {
                         myself.cast(PoolMsg::NodeFailed { rank, error: format!("provisioning failed: {error}") })?;
                     }
                 }
@@ -277,7 +295,7 @@ impl Actor for PoolActor {
             PoolMsg::NodeFailed { rank, error } => {
                 if !state.started {
                     let node = state.nodes.get(&rank).map(|r| r.node_id.clone()).unwrap_or_default();
-                    state.start_error.get_or_insert(format!("node {rank} ({node}): {error}"));
+                    state.start_error.get_or_insert(StartFailure { kind: None, message: format!("node {rank} ({node}): {error}") });
                     state.answer_waiters();
                 } else {
                     tracing::error!(rank, %error, "node failed");
@@ -331,7 +349,7 @@ impl Actor for PoolActor {
                     state.replace(&myself, rank, "node actor failed").await?;
                 } else {
                     tracing::error!(%error, "pool component failed; stopping the pool");
-                    state.start_error.get_or_insert(format!("internal failure: {error}"));
+                    state.start_error.get_or_insert(StartFailure { kind: None, message: format!("internal failure: {error}") });
                     state.answer_waiters();
                     myself.stop(Some("component failed".into()));
                 }

@@ -7,7 +7,7 @@
 
 use crate::pool::PoolMsg;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use skyward_provider::{PoolContext, Provider, ProviderError, ProvisionRequest};
+use skyward_provider::{FailureKind, PoolContext, Provider, ProviderError, ProvisionRequest};
 use std::sync::Arc;
 
 pub(crate) enum ProvisionerMsg {
@@ -69,7 +69,7 @@ impl Actor for Provisioner {
                 state.in_flight.retain(|h| !h.is_finished());
                 state.in_flight.push(tokio::spawn(async move {
                     let node_id = request.node_id.clone();
-                    let result = provider.provision(&ctx, request).await.map(|i| i.id).map_err(|e| e.to_string());
+                    let result = provider.provision(&ctx, request).await.map(|i| i.id).map_err(|e| (FailureKind::of(&e), e.to_string()));
                     let _ = pool.cast(PoolMsg::Provisioned { rank, node_id, result });
                 }));
             }

@@ -830,6 +830,11 @@ impl Provider for Container {
         Box::pin(async { Ok(vec![crate::offers::this_machine(NAME, "container")]) })
     }
 
+    fn offer_ttl(&self) -> std::time::Duration {
+        // This machine: computed on the spot, never cached.
+        std::time::Duration::ZERO
+    }
+
     fn prepare<'a>(&'a self, pool: &'a PoolContext) -> BoxFuture<'a, Result<(), ProviderError>> {
         Box::pin(async move {
             let state = self.prepare_pool(pool).await?;

@@ -164,6 +164,11 @@ impl Provider for Local {
         Box::pin(async { Ok(vec![crate::offers::this_machine(NAME, "local-process")]) })
     }
 
+    fn offer_ttl(&self) -> std::time::Duration {
+        // This machine: computed on the spot, never cached.
+        std::time::Duration::ZERO
+    }
+
     fn prepare<'a>(&'a self, pool: &'a PoolContext) -> BoxFuture<'a, Result<(), ProviderError>> {
         Box::pin(async move {
             std::fs::create_dir_all(&pool.state_dir)

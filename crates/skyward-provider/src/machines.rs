@@ -290,6 +290,12 @@ impl CloudProvider {
         Self { cloud: std::sync::Arc::new(cloud), settings, pools: Default::default() }
     }
 
+    /// Install this static worker on the machines instead of the one next to this program.
+    pub fn worker_binary(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.settings.worker_binary = Some(path.into());
+        self
+    }
+
     /// The cloud's API half.
     pub fn cloud(&self) -> &dyn Cloud {
         &*self.cloud

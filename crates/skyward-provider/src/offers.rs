@@ -229,11 +229,15 @@ impl OfferCache {
     /// stored. A cache that cannot be written is logged, not fatal.
     pub async fn offers(&self, provider: &dyn Provider, refresh: bool) -> Result<(Vec<Offer>, Freshness), ProviderError> {
         let key = provider.offer_cache_key();
-        if !refresh && let Some((offers, age)) = self.load(&key, provider.offer_ttl()) {
+        let ttl = provider.offer_ttl();
+        if !refresh && let Some((offers, age)) = self.load(&key, ttl) {
             return Ok((offers, Freshness::Cached(age)));
         }
         let offers = provider.offers().await?;
-        if let Err(e) = self.store(&key, &offers) {
+        // A zero TTL: a catalog computed locally (this machine), never worth a file.
+        if !ttl.is_zero()
+            && let Err(e) = self.store(&key, &offers)
+        {
             tracing::warn!(dir = %self.dir.display(), error = %e, "cannot write the offer cache");
         }
         Ok((offers, Freshness::Fetched))

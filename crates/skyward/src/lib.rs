@@ -37,7 +37,13 @@ pub use skyward_proto::error::{RemoteError, RemoteErrorKind, TaskError};
 pub use skyward_proto::message::{CommandExit, TaskId, WorkerFacts};
 #[cfg(feature = "container")]
 pub use skyward_provider::Container;
-pub use skyward_provider::{Image, ImageError, Local, Provider, Secret, SyncDir};
+pub use skyward_provider::catalog::{Accelerator, accelerators};
+#[cfg(feature = "runpod")]
+pub use skyward_provider::runpod::RunPod;
+pub use skyward_provider::select::{Allocation, Attempt, FailureKind, Selection, Spec};
+#[cfg(feature = "vastai")]
+pub use skyward_provider::vastai::VastAi;
+pub use skyward_provider::{Architecture, Image, ImageError, Local, Offer, OfferCache, Provider, Secret, SyncDir};
 
 /// The worker cluster's wire types: operations, answers, views and placement (for tools and tests;
 /// programs use the typed handles: [`dict`], [`Pool::dict`], ...).
