@@ -130,3 +130,31 @@ async fn no_offers_shows_the_funnel() -> anyhow::Result<()> {
     anyhow::ensure!(text.contains("hint:"), "{text}");
     Ok(())
 }
+
+/// API calls of one start and teardown of 2 machines (the figures in docs/providers.md; the
+/// catalog is fetched twice here: once cold, once more by the test for a second ask).
+pub(crate) fn call_trials() -> Vec<Trial> {
+    vec![Trial::test("providers::api_calls_per_start", || {
+        block_on(async {
+            let runpod = skyward_testkit::runpod::RunPodMock::start(KEY).await.map_err(|e| e.to_string())?;
+            let calls = kit::calls_per_start(&runpod, 2).await?;
+            let want: std::collections::BTreeMap<String, usize> =
+                [("offers", 2), ("create", 2), ("get", 6), ("delete", 2), ("list", 2)].iter().map(|(k, v)| (k.to_string(), *v)).collect();
+            if calls != want {
+                return Err(format!("runpod calls {calls:?}, documented {want:?}"));
+            }
+            let vast = skyward_testkit::vastai::VastAiMock::start(KEY).await.map_err(|e| e.to_string())?;
+            let calls = kit::calls_per_start(&vast, 2).await?;
+            let want: std::collections::BTreeMap<String, usize> =
+                [("offers", 2), ("keys", 1), ("add_key", 1), ("create", 2), ("get", 6), ("delete", 2), ("list", 2), ("delete_key", 1)]
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), *v))
+                    .collect();
+            if calls != want {
+                return Err(format!("vastai calls {calls:?}, documented {want:?}"));
+            }
+            Ok(())
+        })
+        .map_err(Into::into)
+    })]
+}

@@ -1,8 +1,11 @@
 //! `skyward`: the command-line tool.
 //!
-//! Verbs: `cleanup` (find and remove what abandoned pools left behind). Exit status 0 on
-//! success, 1 when something could not be removed, 2 for bad usage.
+//! Verbs: `offers` (what the configured providers sell, cheapest first), `cleanup` (find and
+//! remove what abandoned pools left behind). Exit status 0 on success, 1 when something failed,
+//! 2 for bad usage.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod offers;
 
 use skyward_provider::container::{self, Runtime};
 use std::process::ExitCode;
@@ -11,6 +14,11 @@ const USAGE: &str = "\
 usage: skyward <command> [options]
 
 commands:
+  offers [--provider runpod,vastai] [--accelerator NAME[:COUNT]] [--count N] [--max-price USD]
+         [--spot | --on-demand] [--region R] [--limit N] [--refresh] [--json]
+      Offers of the configured providers (those whose credentials are set: RUNPOD_API_KEY,
+      VAST_API_KEY), cheapest first, filtered. Catalogs are cached in ~/.skyward/offers
+      (minutes for marketplaces); --refresh fetches them again.
   cleanup [--dry-run] [--force] [--runtime docker|podman|nerdctl]
       Remove every container and network labelled by a Skyward pool whose coordinator
       process no longer runs. Pools whose coordinator is alive are left alone; so are pools
@@ -24,6 +32,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("cleanup") => cleanup(&args[1..]),
+        Some("offers") => offers::main(&args[1..]),
         Some("help" | "-h" | "--help") | None => {
             print!("{USAGE}");
             ExitCode::SUCCESS
@@ -36,7 +45,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn usage_error(message: &str) -> ExitCode {
+pub(crate) fn usage_error(message: &str) -> ExitCode {
     eprintln!("error: {message}\n\n{USAGE}");
     ExitCode::from(2)
 }

@@ -108,7 +108,7 @@ pub struct Offer {
     /// Billing unit.
     pub billing: Billing,
     /// Provider-specific data the provider needs to buy it (ids, cloud type).
-    #[serde(default)]
+    #[serde(default, with = "json_text")]
     pub specific: serde_json::Value,
 }
 
@@ -166,13 +166,39 @@ pub enum Freshness {
     Cached(Duration),
 }
 
+/// `specific` travels as JSON text, so that compact non-self-describing formats (the cache's
+/// postcard) can carry it.
+mod json_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &serde_json::Value, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_null() { s.serialize_str("") } else { s.serialize_str(&v.to_string()) }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<serde_json::Value, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.is_empty() { Ok(serde_json::Value::Null) } else { serde_json::from_str(&text).map_err(serde::de::Error::custom) }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct CacheFile {
+    /// Bumped when `Offer` changes shape: an older file is then a miss.
+    version: u32,
     fetched_at_unix: u64,
     offers: Vec<Offer>,
 }
 
-/// Provider catalogs on disk, one JSON file per provider configuration, each with the TTL its
+#[derive(Serialize)]
+struct CacheFileRef<'a> {
+    version: u32,
+    fetched_at_unix: u64,
+    offers: &'a [Offer],
+}
+
+const CACHE_VERSION: u32 = 1;
+
+/// Provider catalogs on disk, one postcard file per provider configuration, each with the TTL its
 /// provider asks for (`Provider::offer_ttl`: marketplaces minutes, clouds a day).
 #[derive(Debug, Clone)]
 pub struct OfferCache {
@@ -193,7 +219,7 @@ impl OfferCache {
     /// Where the catalog for `key` is kept.
     pub fn path(&self, key: &str) -> PathBuf {
         let safe: String = key.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
-        self.dir.join(format!("{safe}.json"))
+        self.dir.join(format!("{safe}.offers"))
     }
 
     /// The cached catalog for `key` if it is younger than `ttl`. A missing, stale or unreadable
@@ -201,8 +227,9 @@ impl OfferCache {
     pub fn load(&self, key: &str, ttl: Duration) -> Option<(Vec<Offer>, Duration)> {
         let path = self.path(key);
         let bytes = std::fs::read(&path).ok()?;
-        let file: CacheFile = match serde_json::from_slice(&bytes) {
-            Ok(f) => f,
+        let file = match postcard::from_bytes::<CacheFile>(&bytes) {
+            Ok(f) if f.version == CACHE_VERSION => f,
+            Ok(_) => return None,
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable offer cache file");
                 return None;
@@ -218,9 +245,9 @@ impl OfferCache {
     pub fn store(&self, key: &str, offers: &[Offer]) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         let path = self.path(key);
-        let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
-        let body =
-            serde_json::to_vec(&CacheFile { fetched_at_unix: now_unix(), offers: offers.to_vec() }).map_err(std::io::Error::other)?;
+        let tmp = path.with_extension(format!("offers.{}.tmp", std::process::id()));
+        let file = CacheFileRef { version: CACHE_VERSION, fetched_at_unix: now_unix(), offers };
+        let body = postcard::to_allocvec(&file).map_err(std::io::Error::other)?;
         write_file(&tmp, &body)?;
         std::fs::rename(&tmp, &path)
     }
@@ -277,7 +304,7 @@ mod tests {
         // A zero TTL means always stale.
         assert!(cache.load("test", Duration::ZERO).is_none());
         // A corrupt file is a miss, not an error.
-        std::fs::write(cache.path("test"), b"{not json").unwrap();
+        std::fs::write(cache.path("test"), b"\xff\xff\xff not an offer file").unwrap();
         assert!(cache.load("test", Duration::from_secs(60)).is_none());
         // Keys are made safe as file names.
         assert!(cache.path("vastai/geo=US?x").file_name().unwrap().to_str().unwrap().starts_with("vastai_geo_US_x"));

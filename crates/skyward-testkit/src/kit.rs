@@ -355,3 +355,31 @@ async fn secret_never_shown(t: &dyn CloudUnderTest) -> Result<(), String> {
     ensure(shown.contains("<redacted>"), || format!("no redaction marker: {shown}"))?;
     ensure(!format!("{cloud:?}").contains(t.key()), || "Debug of the client shows the credential".into())
 }
+
+/// API calls one pool start and teardown of `nodes` machines makes, by operation: offers,
+/// prepare, create and poll each machine until it runs (the mock runs a machine at its second
+/// poll), then teardown (list, delete and confirm each, list again, per-pool cleanup).
+pub async fn calls_per_start(t: &dyn CloudUnderTest, nodes: u32) -> Result<std::collections::BTreeMap<String, usize>, String> {
+    let cloud = t.cloud(t.key()).map_err(err("client"))?;
+    t.server().clear_log();
+    let mut pool = pool_with_offer(&*cloud).await?;
+    cloud.prepare(&pool, KEY).await.map_err(err("prepare"))?;
+    let offers = cloud.offers().await.map_err(err("offers"))?;
+    let req = Requirements { nodes: 1, ..Default::default() };
+    let picked =
+        select::select(&[(&req, cloud.name(), &offers[..])], select::Selection::Cheapest, nodes as usize).map_err(err("select"))?;
+    for rank in 0..nodes {
+        // Marketplace asks are single machines: one candidate per node.
+        let c = &picked[rank as usize % picked.len()];
+        pool.placement =
+            Some(Placement { offer: c.offer.clone(), spot: c.spot, node_price: c.node_price, max_hourly_cost: None, disk_gb: None });
+        let m = cloud.provision(&pool, &request(&pool, rank)).await.map_err(err("provision"))?;
+        machines::wait_running(&*cloud, &m.id, Duration::from_secs(20)).await.map_err(err("wait_running"))?;
+    }
+    machines::teardown(&*cloud, &pool, Duration::from_secs(20)).await.map_err(err("teardown"))?;
+    let mut calls = std::collections::BTreeMap::new();
+    for l in t.server().log() {
+        *calls.entry(l.op).or_insert(0) += 1;
+    }
+    Ok(calls)
+}
