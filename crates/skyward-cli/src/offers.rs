@@ -77,13 +77,13 @@ pub(crate) fn requirements(a: &Args) -> Result<Requirements, String> {
     })
 }
 
+/// Providers built, and the problems of those that could not be (missing credentials).
+pub(crate) type Configured = (Vec<Arc<dyn Provider>>, Vec<String>);
+
 /// Providers to ask: the named ones (their credentials must be set), else every provider whose
 /// credentials are in the environment. Endpoints can be redirected (`SKYWARD_RUNPOD_GRAPHQL_URL`,
 /// `SKYWARD_RUNPOD_REST_URL`, `SKYWARD_VASTAI_URL`), e.g. to a proxy.
-pub(crate) fn providers(
-    named: Option<&[String]>,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<(Vec<Arc<dyn Provider>>, Vec<String>), String> {
+pub(crate) fn providers(named: Option<&[String]>, env: &dyn Fn(&str) -> Option<String>) -> Result<Configured, String> {
     const KNOWN: [(&str, &str); 2] = [("runpod", "RUNPOD_API_KEY"), ("vastai", "VAST_API_KEY")];
     let wanted: Vec<&str> = match named {
         Some(list) => {
