@@ -55,8 +55,8 @@ fn catalog_for(provider: &str, n: usize, rng: &mut Lcg) -> Vec<Offer> {
                     memory_gb: 32.0 * count,
                     architecture: if i % 17 == 0 { Architecture::Arm64 } else { Architecture::X86_64 },
                 },
-                spot_price: (rng.next() % 3 != 0).then(|| od * (0.3 + 0.3 * rng.unit())),
-                on_demand_price: (provider != "vastai" || rng.next() % 5 != 0).then_some(od),
+                spot_price: (!rng.next().is_multiple_of(3)).then(|| od * (0.3 + 0.3 * rng.unit())),
+                on_demand_price: (provider != "vastai" || !rng.next().is_multiple_of(5)).then_some(od),
                 billing: Billing::Second,
                 specific: serde_json::Value::Null,
             }
