@@ -76,7 +76,8 @@ async fn fallback_crosses_providers() -> anyhow::Result<()> {
     anyhow::ensure!(attempts[0].offer.starts_with("runpod RTX 4090"), "{}", attempts[0].offer);
     anyhow::ensure!(pool.run(provider_echo(41)).await? == 42);
     pool.shutdown().await?;
-    anyhow::ensure!(mock.live().is_empty(), "pods left: {:?}", mock.live());
+    let left = mock.live().await;
+    anyhow::ensure!(left.is_empty(), "pods left: {left:?}");
     anyhow::ensure!(mock.server.count("create") == 1, "{} creates", mock.server.count("create"));
     Ok(())
 }
@@ -108,7 +109,8 @@ async fn all_attempts_failed_lists_each() -> anyhow::Result<()> {
     anyhow::ensure!(text.contains("vastai (listing offers): auth") && text.contains("hint: check VAST_API_KEY"), "{text}");
     anyhow::ensure!(text.matches("runpod H100").count() == 2 && text.contains("no capacity"), "{text}");
     anyhow::ensure!(!text.contains(KEY) && !text.contains("not-the-key"), "a credential in: {text}");
-    anyhow::ensure!(runpod.live().is_empty(), "pods left: {:?}", runpod.live());
+    let left = runpod.live().await;
+    anyhow::ensure!(left.is_empty(), "pods left: {left:?}");
     Ok(())
 }
 

@@ -373,6 +373,7 @@ impl Compute {
         let placement = skyward_provider::Placement {
             offer: candidate.offer.clone(),
             spot: candidate.spot,
+            allocation: spec.requirements.allocation,
             node_price: candidate.node_price,
             max_hourly_cost: spec.requirements.max_hourly_cost,
             disk_gb: spec.disk_gb,

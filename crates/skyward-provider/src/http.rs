@@ -248,8 +248,8 @@ impl Api {
     }
 }
 
-/// Seconds (`Retry-After: 2`) or an HTTP date in the future.
-fn parse_retry_after(v: &str) -> Option<Duration> {
+/// A `Retry-After` value: seconds (`2`) or an HTTP date (a past date is zero).
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
     let v = v.trim();
     if let Ok(secs) = v.parse::<f64>() {
         return (secs >= 0.0 && secs.is_finite()).then(|| Duration::from_secs_f64(secs));

@@ -91,6 +91,9 @@ pub struct Placement {
     pub offer: Offer,
     /// Bought as spot (interruptible).
     pub spot: bool,
+    /// The spec's allocation (`SpotIfAvailable`: a provider whose spot request finds no
+    /// capacity may buy on-demand instead).
+    pub allocation: select::Allocation,
     /// Price per node-hour the selection saw, USD.
     pub node_price: f64,
     /// The spec's cap per node-hour, for providers whose live price can differ from the catalog.

@@ -5,6 +5,7 @@
 //! if the credential appears in any log line or error.
 
 use crate::mock::{Fault, MockServer};
+use futures::future::BoxFuture;
 use skyward_provider::machines::{self, Cloud, MachineRequest, MachineState};
 use skyward_provider::select::{self, Requirements};
 use skyward_provider::{FailureKind, Offer, Placement, PoolContext, ProviderError};
@@ -19,6 +20,11 @@ pub trait CloudUnderTest: Send + Sync {
     fn server(&self) -> &MockServer;
     /// The credential the mock accepts.
     fn key(&self) -> &str;
+    /// What must never be shown: the key itself, or the secret that goes with it (AWS: the
+    /// secret access key; the access key id is an identifier).
+    fn secret(&self) -> &str {
+        self.key()
+    }
     /// A fresh client with `key`.
     fn cloud(&self, key: &str) -> Result<Box<dyn Cloud>, ProviderError>;
     /// The body of a no-capacity answer to a create, and its status.
@@ -26,16 +32,20 @@ pub trait CloudUnderTest: Send + Sync {
     /// A quota or balance answer to a create.
     fn quota(&self) -> Fault;
     /// Names of machines the mock still runs.
-    fn live(&self) -> Vec<String>;
+    fn live(&self) -> BoxFuture<'_, Vec<String>>;
     /// Create a machine named `name` behind the client's back; its id.
-    fn plant(&self, name: &str) -> String;
+    fn plant<'a>(&'a self, name: &'a str) -> BoxFuture<'a, String>;
     /// Stop or end machine `id` behind the client's back (preemption).
-    fn preempt(&self, id: &str);
+    fn preempt<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()>;
     /// A 200 list answer whose entries lack their ids.
     fn list_without_ids(&self) -> String;
+    /// A 400 error body in the API's shape carrying `message`.
+    fn error_body(&self, message: &str) -> String {
+        format!("{{\"error\": \"{message}\"}}")
+    }
     /// Per-pool resources left on the account (keys, groups), for the teardown check.
-    fn pool_resources(&self) -> usize {
-        0
+    fn pool_resources(&self) -> BoxFuture<'_, usize> {
+        Box::pin(async { 0 })
     }
 }
 
@@ -64,11 +74,11 @@ pub async fn run(name: &str, t: &dyn CloudUnderTest) -> Result<(), String> {
     let _guard = tracing::subscriber::set_default(subscriber);
     let result = case(name, t).await;
     let logs = capture.text();
-    if logs.contains(t.key()) {
+    if logs.contains(t.secret()) {
         return Err(format!("{}: the credential appears in the logs of case {name}", t.name()));
     }
     if let Err(e) = &result
-        && e.contains(t.key())
+        && e.contains(t.secret())
     {
         return Err(format!("{}: the credential appears in an error of case {name}", t.name()));
     }
@@ -145,8 +155,20 @@ async fn pool_with_offer(cloud: &dyn Cloud) -> Result<PoolContext, String> {
         pool_id: pool_id.clone(),
         state_dir: std::env::temp_dir().join(format!("skyward-kit-{pool_id}")),
         image: None,
-        placement: Some(Placement { offer: c.offer.clone(), spot: c.spot, node_price: c.node_price, max_hourly_cost: None, disk_gb: None }),
+        placement: Some(Placement {
+            offer: c.offer.clone(),
+            spot: c.spot,
+            allocation: bought(c.spot),
+            node_price: c.node_price,
+            max_hourly_cost: None,
+            disk_gb: None,
+        }),
     })
+}
+
+/// The allocation a candidate was bought with (no provider-side fallback in the kit's cases).
+fn bought(spot: bool) -> skyward_provider::Allocation {
+    if spot { skyward_provider::Allocation::Spot } else { skyward_provider::Allocation::OnDemand }
 }
 
 fn request(pool: &PoolContext, rank: u32) -> MachineRequest {
@@ -154,12 +176,12 @@ fn request(pool: &PoolContext, rank: u32) -> MachineRequest {
     MachineRequest {
         name: machines::machine_name(&node_id),
         node_id,
-        ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKitKitKitKitKitKitKitKitKitKitKitKitKitKit skyward-kit".into(),
+        ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA5QqKjCf1alAWrRjanDvfz75BbEj7eb56Eok7m/Px59 skyward-kit".into(),
         instance_timeout_secs: 300,
     }
 }
 
-const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKitKitKitKitKitKitKitKitKitKitKitKitKitKit skyward-kit";
+const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA5QqKjCf1alAWrRjanDvfz75BbEj7eb56Eok7m/Px59 skyward-kit";
 
 async fn offers_normalised(t: &dyn CloudUnderTest) -> Result<(), String> {
     let cloud = t.cloud(t.key()).map_err(err("client"))?;
@@ -199,7 +221,7 @@ async fn lifecycle(t: &dyn CloudUnderTest) -> Result<(), String> {
     machines::terminate(&*cloud, &m.id, Duration::from_secs(20)).await.map_err(err("terminate"))?;
     let after = cloud.get_instance(&m.id).await.map_err(err("get after terminate"))?;
     ensure(after.is_none_or(|m| m.state == MachineState::Gone), || "still there after a confirmed terminate".into())?;
-    ensure(!t.live().contains(&req.name), || "the mock still runs it".into())?;
+    ensure(!t.live().await.contains(&req.name), || "the mock still runs it".into())?;
     // A second delete of the same machine is not an error.
     cloud.delete(&m.id).await.map_err(err("second delete"))?;
     machines::teardown(&*cloud, &pool, Duration::from_secs(20)).await.map_err(err("teardown"))
@@ -208,7 +230,7 @@ async fn lifecycle(t: &dyn CloudUnderTest) -> Result<(), String> {
 async fn teardown_removes_everything(t: &dyn CloudUnderTest) -> Result<(), String> {
     let cloud = t.cloud(t.key()).map_err(err("client"))?;
     let pool = pool_with_offer(&*cloud).await?;
-    let before = t.pool_resources();
+    let before = t.pool_resources().await;
     cloud.prepare(&pool, KEY).await.map_err(err("prepare"))?;
     let mut ids = Vec::new();
     for rank in 0..2 {
@@ -219,25 +241,32 @@ async fn teardown_removes_everything(t: &dyn CloudUnderTest) -> Result<(), Strin
             let req = Requirements { nodes: 1, ..Default::default() };
             let picked = select::select(&[(&req, cloud.name(), &offers[..])], select::Selection::Cheapest, 2).map_err(err("select"))?;
             let c = picked.last().ok_or("no second offer")?;
-            p.placement =
-                Some(Placement { offer: c.offer.clone(), spot: c.spot, node_price: c.node_price, max_hourly_cost: None, disk_gb: None });
+            p.placement = Some(Placement {
+                offer: c.offer.clone(),
+                spot: c.spot,
+                allocation: bought(c.spot),
+                node_price: c.node_price,
+                max_hourly_cost: None,
+                disk_gb: None,
+            });
         }
         ids.push(cloud.provision(&p, &request(&pool, rank)).await.map_err(err("provision"))?.id);
     }
-    let other = t.plant(&machines::machine_name("sky-other00001-r0-g0"));
+    let other = t.plant(&machines::machine_name("sky-other00001-r0-g0")).await;
     machines::teardown(&*cloud, &pool, Duration::from_secs(20)).await.map_err(err("teardown"))?;
     let left = cloud.list_tagged(Some(&pool.pool_id)).await.map_err(err("list"))?;
     ensure(left.is_empty(), || format!("left after teardown: {left:?}"))?;
-    ensure(t.live().iter().all(|n| !n.contains(&pool.pool_id)), || "the mock still runs a machine of the pool".into())?;
-    ensure(t.live().iter().any(|n| n.contains("sky-other00001")), || "teardown removed another pool's machine".into())?;
-    ensure(t.pool_resources() == before, || format!("{} per-pool resources left (had {before})", t.pool_resources()))?;
+    ensure(t.live().await.iter().all(|n| !n.contains(&pool.pool_id)), || "the mock still runs a machine of the pool".into())?;
+    ensure(t.live().await.iter().any(|n| n.contains("sky-other00001")), || "teardown removed another pool's machine".into())?;
+    let after = t.pool_resources().await;
+    ensure(after == before, || format!("{after} per-pool resources left (had {before})"))?;
     cloud.delete(&other).await.map_err(err("cleanup"))
 }
 
 async fn list_tagged_finds_leak(t: &dyn CloudUnderTest) -> Result<(), String> {
     let cloud = t.cloud(t.key()).map_err(err("client"))?;
-    let leaked = t.plant(&machines::machine_name("sky-leak000001-r2-g1"));
-    let foreign = t.plant("someone-elses-machine");
+    let leaked = t.plant(&machines::machine_name("sky-leak000001-r2-g1")).await;
+    let foreign = t.plant("someone-elses-machine").await;
     let ours = cloud.list_tagged(Some("sky-leak000001")).await.map_err(err("list"))?;
     ensure(ours.len() == 1 && ours[0].id == leaked, || format!("list_tagged(pool) = {ours:?}"))?;
     let all = cloud.list_tagged(None).await.map_err(err("list all"))?;
@@ -317,10 +346,10 @@ async fn create_error_that_left_a_machine(t: &dyn CloudUnderTest) -> Result<(), 
     let req = request(&pool, 0);
     let m = cloud.provision(&pool, &req).await.map_err(err("provision after a 502 that created the machine"))?;
     ensure(m.name == req.name, || format!("adopted {m:?}"))?;
-    let named: Vec<String> = t.live().into_iter().filter(|n| n == &req.name).collect();
+    let named: Vec<String> = t.live().await.into_iter().filter(|n| n == &req.name).collect();
     ensure(named.len() == 1, || format!("{} machines named {}", named.len(), req.name))?;
     machines::teardown(&*cloud, &pool, Duration::from_secs(20)).await.map_err(err("teardown"))?;
-    ensure(!t.live().contains(&req.name), || "leaked".into())
+    ensure(!t.live().await.contains(&req.name), || "leaked".into())
 }
 
 async fn preempted_before_running(t: &dyn CloudUnderTest) -> Result<(), String> {
@@ -328,7 +357,7 @@ async fn preempted_before_running(t: &dyn CloudUnderTest) -> Result<(), String> 
     let pool = pool_with_offer(&*cloud).await?;
     cloud.prepare(&pool, KEY).await.map_err(err("prepare"))?;
     let m = cloud.provision(&pool, &request(&pool, 0)).await.map_err(err("provision"))?;
-    t.preempt(&m.id);
+    t.preempt(&m.id).await;
     let e = machines::wait_running(&*cloud, &m.id, Duration::from_secs(10)).await.err().ok_or("a preempted machine ran")?;
     ensure(FailureKind::of(&e) == FailureKind::Capacity, || format!("expected capacity, got {e}"))?;
     machines::teardown(&*cloud, &pool, Duration::from_secs(20)).await.map_err(err("teardown"))
@@ -347,7 +376,7 @@ async fn malformed_response_names_field(t: &dyn CloudUnderTest) -> Result<(), St
 async fn secret_never_shown(t: &dyn CloudUnderTest) -> Result<(), String> {
     let cloud = t.cloud(t.key()).map_err(err("client"))?;
     // A server that echoes the request (credential included) in its error body.
-    let echo = format!("{{\"error\": \"bad request from Bearer {}\"}}", t.key());
+    let echo = t.error_body(&format!("bad request from Bearer {}", t.key()));
     t.server().inject("list", Fault::Respond { status: 400, body: echo, retry_after: None });
     let e = cloud.list_tagged(None).await.err().ok_or("a 400 was accepted")?;
     let shown = format!("{e} {e:?}");
@@ -371,8 +400,14 @@ pub async fn calls_per_start(t: &dyn CloudUnderTest, nodes: u32) -> Result<std::
     for rank in 0..nodes {
         // Marketplace asks are single machines: one candidate per node.
         let c = &picked[rank as usize % picked.len()];
-        pool.placement =
-            Some(Placement { offer: c.offer.clone(), spot: c.spot, node_price: c.node_price, max_hourly_cost: None, disk_gb: None });
+        pool.placement = Some(Placement {
+            offer: c.offer.clone(),
+            spot: c.spot,
+            allocation: bought(c.spot),
+            node_price: c.node_price,
+            max_hourly_cost: None,
+            disk_gb: None,
+        });
         let m = cloud.provision(&pool, &request(&pool, rank)).await.map_err(err("provision"))?;
         machines::wait_running(&*cloud, &m.id, Duration::from_secs(20)).await.map_err(err("wait_running"))?;
     }

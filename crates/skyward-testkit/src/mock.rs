@@ -75,6 +75,15 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, op: &str, method: &str, path: &str, body: &str) -> Answer;
     /// Whether the request carries the right credential.
     fn authorized(&self, headers: &hyper::HeaderMap, path: &str) -> bool;
+    /// The body of a 401 for a missing or wrong credential, in the API's shape.
+    fn unauthorized_body(&self) -> String {
+        r#"{"error":"unauthorized","msg":"invalid or missing API key"}"#.to_string()
+    }
+    /// For a mock in front of another emulator: the upstream URL operation `op` goes to when no
+    /// fault is scripted (`None`: `handle` answers).
+    fn forward(&self, _op: &str) -> Option<String> {
+        None
+    }
 }
 
 struct Shared {
@@ -156,6 +165,7 @@ async fn serve(s: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let method = req.method().as_str().to_string();
     let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
     let authorized = s.handler.authorized(req.headers(), &path);
+    let headers = req.headers().clone();
     let body = match req.into_body().collect().await {
         Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
         Err(_) => String::new(),
@@ -163,18 +173,31 @@ async fn serve(s: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let op = s.handler.route(&method, &path, &body);
     let fault = s.faults.lock().expect("faults").get_mut(&op).and_then(VecDeque::pop_front);
     let (status, text, retry_after) = if !authorized {
-        (401, r#"{"error":"unauthorized","msg":"invalid or missing API key"}"#.to_string(), None)
+        (401, s.handler.unauthorized_body(), None)
     } else {
         match fault {
             Some(Fault::Respond { status, body: answer, retry_after }) => (status, answer, retry_after),
             Some(Fault::AfterEffect { status, body: answer }) => {
-                let _ = s.handler.handle(&op, &method, &path, &body);
+                match s.handler.forward(&op) {
+                    Some(upstream) => {
+                        let _ = forward(&upstream, &method, &path, &headers, &body).await;
+                    }
+                    None => {
+                        let _ = s.handler.handle(&op, &method, &path, &body);
+                    }
+                }
                 (status, answer, None)
             }
-            None => {
-                let a = s.handler.handle(&op, &method, &path, &body);
-                (a.status, a.body, None)
-            }
+            None => match s.handler.forward(&op) {
+                Some(upstream) => match forward(&upstream, &method, &path, &headers, &body).await {
+                    Ok((status, text)) => (status, text, None),
+                    Err(e) => (502, format!("mock: upstream {upstream}: {e}"), None),
+                },
+                None => {
+                    let a = s.handler.handle(&op, &method, &path, &body);
+                    (a.status, a.body, None)
+                }
+            },
         }
     };
     s.log.lock().expect("log").push(Logged { op, method, path, body, status });
@@ -185,4 +208,19 @@ async fn serve(s: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
         response.headers_mut().insert("retry-after", r);
     }
     response
+}
+
+/// Pass a request on to `upstream` unchanged (headers but Host and Content-Length included).
+async fn forward(upstream: &str, method: &str, path: &str, headers: &hyper::HeaderMap, body: &str) -> Result<(u16, String), String> {
+    let client = reqwest::Client::new();
+    let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
+    let mut req = client.request(method, format!("{upstream}{path}")).body(body.to_string());
+    for (k, v) in headers {
+        if k != "host" && k != "content-length" {
+            req = req.header(k.as_str(), v.as_bytes());
+        }
+    }
+    let r = req.send().await.map_err(|e| e.to_string())?;
+    let status = r.status().as_u16();
+    Ok((status, r.text().await.map_err(|e| e.to_string())?))
 }

@@ -352,14 +352,14 @@ impl crate::kit::CloudUnderTest for RunPodMock {
             retry_after: None,
         }
     }
-    fn live(&self) -> Vec<String> {
-        self.pods().values().filter(|p| p.status != "TERMINATED").map(|p| p.name.clone()).collect()
+    fn live(&self) -> futures::future::BoxFuture<'_, Vec<String>> {
+        Box::pin(async { self.pods().values().filter(|p| p.status != "TERMINATED").map(|p| p.name.clone()).collect() })
     }
-    fn plant(&self, name: &str) -> String {
-        RunPodMock::plant(self, name)
+    fn plant<'a>(&'a self, name: &'a str) -> futures::future::BoxFuture<'a, String> {
+        Box::pin(async move { RunPodMock::plant(self, name) })
     }
-    fn preempt(&self, id: &str) {
-        RunPodMock::preempt(self, id)
+    fn preempt<'a>(&'a self, id: &'a str) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(async move { RunPodMock::preempt(self, id) })
     }
     fn list_without_ids(&self) -> String {
         json!([{"name": "skyward-sky-x-r0-g0", "desiredStatus": "RUNNING"}]).to_string()

@@ -331,19 +331,19 @@ impl crate::kit::CloudUnderTest for VastAiMock {
             retry_after: None,
         }
     }
-    fn live(&self) -> Vec<String> {
-        self.instances().values().filter(|i| !i.destroyed).map(|i| i.label.clone()).collect()
+    fn live(&self) -> futures::future::BoxFuture<'_, Vec<String>> {
+        Box::pin(async { self.instances().values().filter(|i| !i.destroyed).map(|i| i.label.clone()).collect() })
     }
-    fn plant(&self, name: &str) -> String {
-        VastAiMock::plant(self, name)
+    fn plant<'a>(&'a self, name: &'a str) -> futures::future::BoxFuture<'a, String> {
+        Box::pin(async move { VastAiMock::plant(self, name) })
     }
-    fn preempt(&self, id: &str) {
-        VastAiMock::preempt(self, id)
+    fn preempt<'a>(&'a self, id: &'a str) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(async move { VastAiMock::preempt(self, id) })
     }
     fn list_without_ids(&self) -> String {
         json!({"instances": [{"label": "skyward-sky-x-r0-g0", "actual_status": "running"}]}).to_string()
     }
-    fn pool_resources(&self) -> usize {
-        self.keys().len()
+    fn pool_resources(&self) -> futures::future::BoxFuture<'_, usize> {
+        Box::pin(async { self.keys().len() })
     }
 }

@@ -20,6 +20,8 @@
 //! call [`init`] first thing (or use `#[skyward::main]`). A test binary uses `harness = false` with
 //! a `main` that calls [`init`] before running its tests (see `tests/local/main.rs`).
 
+#[cfg(feature = "aws")]
+pub use skyward_aws::Aws;
 pub use skyward_coordinator::{
     ClusterEvent, Command, CommandOutput, Compute, Dispatch, Error, JoinCalls, Options, OutputLine, Placement, Pool, StartError,
     TaskHandle, TaskStats, TaskStream, Worker,
