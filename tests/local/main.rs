@@ -30,6 +30,7 @@ fn main() {
     trials.extend(tests_providers::trials());
     trials.extend(tests_providers::start_trials());
     trials.extend(tests_providers::call_trials());
+    trials.extend(tests_providers::cloud_pool_trials());
     trials.extend(tests_teardown::trials());
     trials.extend(tests_transport::trials());
     libtest_mimic::run(&args, trials).exit();

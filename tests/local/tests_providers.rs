@@ -160,3 +160,52 @@ pub(crate) fn call_trials() -> Vec<Trial> {
         .map_err(Into::into)
     })]
 }
+
+/// A whole pool on "RunPod": the mock's pods are containers with sshd, so the cloud path runs
+/// end to end (offers, create, poll until running with a public port, SSH with the pool key,
+/// worker bootstrap, standalone tunnel, tasks, teardown confirmed, nothing left).
+pub(crate) fn cloud_pool_trials() -> Vec<Trial> {
+    vec![Trial::test("providers::runpod_pool_end_to_end", || crate::support::block_on(runpod_pool_end_to_end()))]
+}
+
+fn base_image() -> anyhow::Result<String> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-base-image.sh");
+    let out = std::process::Command::new("bash").arg(&script).stdin(std::process::Stdio::null()).output()?;
+    anyhow::ensure!(out.status.success(), "{}: {}", script.display(), String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+async fn runpod_pool_end_to_end() -> anyhow::Result<()> {
+    use skyward::{Compute, Spec, accelerators};
+    let image = base_image()?;
+    let mock = skyward_testkit::runpod::RunPodMock::start_with_containers(KEY, &image).await?;
+    let provider = mock.settings(KEY).provider()?;
+    let pool = Compute::from_specs([Spec::new(provider).accelerator(accelerators::rtx_4090()).nodes(2)])
+        .offer_cache(cache_dir("runpod-e2e"))
+        .refresh_offers(true)
+        .options(crate::support::test_options())
+        .start()
+        .await?;
+    let offer = pool.offer().expect("an offer").clone();
+    anyhow::ensure!(offer.provider == "runpod" && offer.instance_type.name == "NVIDIA GeForce RTX 4090", "{offer:?}");
+    anyhow::ensure!(pool.price() == Some((true, 0.29)), "spot if available buys spot at the minimum bid: {:?}", pool.price());
+    let results = pool.broadcast(provider_echo(1)).await?;
+    anyhow::ensure!(results == vec![2, 2], "{results:?}");
+    let pods = mock.pods();
+    anyhow::ensure!(pods.len() == 2, "{} pods", pods.len());
+    for p in pods.values() {
+        anyhow::ensure!(p.input["cloudType"] == "SECURE" && p.bid == Some(0.29), "{:?}", p.input);
+        anyhow::ensure!(p.name.starts_with(&format!("skyward-{}", pool.pool_id())), "pod name {}", p.name);
+    }
+    pool.shutdown().await?;
+    let left = mock.live().await;
+    anyhow::ensure!(left.is_empty(), "pods left: {left:?}");
+    let containers = std::process::Command::new("docker").args(["ps", "-q", "--filter", "label=skyward.test.mockpod"]).output()?;
+    let mine: Vec<String> = mock.pods().values().filter_map(|p| p.container.as_ref().map(|c| c.0.clone())).collect();
+    anyhow::ensure!(
+        mine.is_empty(),
+        "containers of terminated pods: {mine:?} (docker ps: {})",
+        String::from_utf8_lossy(&containers.stdout)
+    );
+    Ok(())
+}

@@ -19,6 +19,9 @@ commands:
       Offers of the configured providers (those whose credentials are set: RUNPOD_API_KEY,
       VAST_API_KEY), cheapest first, filtered. Catalogs are cached in ~/.skyward/offers
       (minutes for marketplaces); --refresh fetches them again.
+  cleanup --cloud runpod,vastai [--pool POOL_ID] [--force] [--dry-run]
+      Terminate (and confirm) the machines a pool left on those clouds: the pool's with
+      --pool, every Skyward machine with --force; without either they are only listed.
   cleanup [--dry-run] [--force] [--runtime docker|podman|nerdctl]
       Remove every container and network labelled by a Skyward pool whose coordinator
       process no longer runs. Pools whose coordinator is alive are left alone; so are pools
@@ -45,6 +48,41 @@ fn main() -> ExitCode {
     }
 }
 
+fn cloud_cleanup(rt: &tokio::runtime::Runtime, names: &[String], pool: Option<&str>, force: bool, dry_run: bool) -> ExitCode {
+    let env = |k: &str| std::env::var(k).ok();
+    let (providers, problems) = match offers::providers(Some(names), &env) {
+        Ok(p) => p,
+        Err(e) => return usage_error(&e),
+    };
+    for p in &problems {
+        eprintln!("error: {p}");
+    }
+    let rows = match rt.block_on(offers::sweep(&providers, pool, force, dry_run)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut failed = !problems.is_empty();
+    for (provider, id, node, pool, outcome) in &rows {
+        match outcome {
+            Ok(true) => {
+                println!("{} {provider} machine {id:<20} node {node} pool {pool}", if dry_run { "would remove" } else { "removed" })
+            }
+            Ok(false) => println!("kept {provider} machine {id:<20} node {node} pool {pool} (--pool {pool} or --force removes it)"),
+            Err(e) => {
+                failed = true;
+                eprintln!("error: {provider} machine {id}: {e}");
+            }
+        }
+    }
+    if rows.is_empty() && problems.is_empty() {
+        println!("no Skyward machine found on {}", names.join(", "));
+    }
+    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
+
 pub(crate) fn usage_error(message: &str) -> ExitCode {
     eprintln!("error: {message}\n\n{USAGE}");
     ExitCode::from(2)
@@ -54,11 +92,21 @@ fn cleanup(args: &[String]) -> ExitCode {
     let mut dry_run = false;
     let mut force = false;
     let mut runtime = Runtime::Docker;
+    let mut cloud: Option<Vec<String>> = None;
+    let mut pool: Option<String> = None;
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
             "--dry-run" | "-n" => dry_run = true,
             "--force" => force = true,
+            "--cloud" => match rest.next() {
+                Some(v) => cloud = Some(v.split(',').map(|s| s.trim().to_ascii_lowercase()).collect()),
+                None => return usage_error("--cloud needs a provider list"),
+            },
+            "--pool" => match rest.next() {
+                Some(v) => pool = Some(v.clone()),
+                None => return usage_error("--pool needs a pool id"),
+            },
             "--runtime" => match rest.next().map(|v| v.parse::<Runtime>()) {
                 Some(Ok(r)) => runtime = r,
                 Some(Err(e)) => return usage_error(&e.to_string()),
@@ -74,6 +122,12 @@ fn cleanup(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(names) = cloud {
+        return cloud_cleanup(&rt, &names, pool.as_deref(), force, dry_run);
+    }
+    if pool.is_some() {
+        return usage_error("--pool goes with --cloud (containers are matched by their coordinator)");
+    }
     let report = match rt.block_on(container::cleanup(runtime, dry_run, force)) {
         Ok(r) => r,
         Err(e) => {

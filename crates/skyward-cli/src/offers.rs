@@ -329,3 +329,74 @@ mod tests {
         });
     }
 }
+
+/// What `skyward cleanup --cloud` found and did, per machine: (provider, machine id, name,
+/// pool, outcome).
+pub(crate) type SweepRow = (String, String, String, String, Result<bool, String>);
+
+/// Terminate the machines tagged by a pool on `providers`: those of `pool`, or with `force`
+/// every Skyward machine (without either, nothing is removed: a machine's coordinator may still
+/// run elsewhere). `Ok(true)`: removed (or would be, with `dry_run`); `Ok(false)`: kept.
+pub(crate) async fn sweep(
+    providers: &[Arc<dyn Provider>],
+    pool: Option<&str>,
+    force: bool,
+    dry_run: bool,
+) -> Result<Vec<SweepRow>, String> {
+    let mut rows = Vec::new();
+    for p in providers {
+        let found = p.list_tagged(pool).await.map_err(|e| e.to_string())?;
+        for i in found {
+            let remove = pool.is_some() || force;
+            let outcome = if !remove || dry_run {
+                Ok(remove)
+            } else {
+                let ctx = skyward_provider::PoolContext {
+                    pool_id: i.pool_id.clone(),
+                    state_dir: std::env::temp_dir().join(format!("skyward-cleanup-{}", i.pool_id)),
+                    image: None,
+                    placement: None,
+                };
+                p.terminate(&ctx, &i.id).await.map(|()| true).map_err(|e| e.to_string())
+            };
+            rows.push((p.name().to_string(), i.id, i.node_id, i.pool_id, outcome));
+        }
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod sweep_tests {
+    use super::*;
+
+    #[test]
+    fn sweep_removes_a_pool_or_everything_with_force_only() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let mock = skyward_testkit::runpod::RunPodMock::start("k1").await.unwrap();
+            let a = mock.plant("skyward-sky-deadpool01-r0-g0");
+            let b = mock.plant("skyward-sky-otherpool1-r0-g0");
+            let foreign = mock.plant("my-own-pod");
+            let env = |k: &str| match k {
+                "RUNPOD_API_KEY" => Some("k1".to_string()),
+                "SKYWARD_RUNPOD_GRAPHQL_URL" => Some(format!("{}/graphql", mock.server.url())),
+                "SKYWARD_RUNPOD_REST_URL" => Some(format!("{}/v1", mock.server.url())),
+                _ => None,
+            };
+            let (p, _) = providers(None, &env).unwrap();
+            // Without --pool or --force: listed, kept.
+            let rows = sweep(&p, None, false, false).await.unwrap();
+            assert_eq!(rows.len(), 2, "{rows:?}");
+            assert!(rows.iter().all(|r| r.4 == Ok(false)));
+            // One pool.
+            let rows = sweep(&p, Some("sky-deadpool01"), false, false).await.unwrap();
+            assert_eq!(rows.iter().map(|r| (r.1.as_str(), r.4.clone())).collect::<Vec<_>>(), [(a.as_str(), Ok(true))]);
+            // Everything with --force; the dry run first removes nothing.
+            assert_eq!(sweep(&p, None, true, true).await.unwrap().len(), 1);
+            let rows = sweep(&p, None, true, false).await.unwrap();
+            assert_eq!(rows.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(), [b.as_str()]);
+            let live: Vec<String> = mock.pods().iter().filter(|(_, p)| p.status != "TERMINATED").map(|(id, _)| id.clone()).collect();
+            assert_eq!(live, vec![foreign], "only the pod that is not Skyward's stays");
+        });
+    }
+}

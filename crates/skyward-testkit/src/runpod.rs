@@ -24,6 +24,8 @@ pub struct Pod {
     pub bid: Option<f64>,
     /// The create input as received.
     pub input: Value,
+    /// With container-backed pods: the container and its sshd's port on 127.0.0.1.
+    pub container: Option<(String, u16)>,
 }
 
 #[derive(Debug, Default)]
@@ -38,6 +40,52 @@ struct State {
 pub struct RunPodApi {
     key: String,
     state: Mutex<State>,
+    /// Image of the containers that back pods (`None`: pods are records only).
+    containers: Option<String>,
+}
+
+/// Label on the containers that back mock pods.
+const POD_LABEL: &str = "skyward.test.mockpod";
+
+/// Start a detached container with sshd that authorises `key` for root; its name and the
+/// 127.0.0.1 port its sshd is published on.
+fn run_pod_container(image: &str, id: &str, key: &str) -> Result<(String, u16), String> {
+    let name = format!("skyward-mockpod-{id}-{}", std::process::id());
+    let key_env = format!("SKYWARD_AUTHORIZED_KEY={key}");
+    let out = std::process::Command::new("docker")
+        .args([
+            "run",
+            "-d",
+            "--rm",
+            "--name",
+            &name,
+            "--label",
+            POD_LABEL,
+            "-p",
+            "127.0.0.1::22",
+            "-e",
+            &key_env,
+            "-e",
+            "SKYWARD_SSH_USER=root",
+            image,
+        ])
+        .output()
+        .map_err(|e| format!("docker run: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("docker run: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    let port = std::process::Command::new("docker").args(["port", &name, "22/tcp"]).output().map_err(|e| format!("docker port: {e}"))?;
+    let text = String::from_utf8_lossy(&port.stdout);
+    let port = text
+        .lines()
+        .find_map(|l| l.strip_prefix("127.0.0.1:"))
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or_else(|| format!("no published port: {text}"))?;
+    Ok((name, port))
+}
+
+fn remove_container(name: &str) {
+    let _ = std::process::Command::new("docker").args(["rm", "-f", name]).output();
 }
 
 /// A GPU type the mock sells.
@@ -134,6 +182,20 @@ impl RunPodApi {
         let mut s = self.state.lock().expect("runpod state");
         s.next += 1;
         let id = format!("pod{:08x}", s.next);
+        let container = match &self.containers {
+            Some(image) => {
+                let key = input["env"]
+                    .as_array()
+                    .and_then(|env| env.iter().find(|e| e["key"] == "PUBLIC_KEY"))
+                    .and_then(|e| e["value"].as_str())
+                    .unwrap_or_default();
+                match run_pod_container(image, &id, key) {
+                    Ok(c) => Some(c),
+                    Err(e) => return err(&format!("Something went wrong. Please try again later or contact support. ({e})")),
+                }
+            }
+            None => None,
+        };
         s.pods.insert(
             id.clone(),
             Pod {
@@ -144,6 +206,7 @@ impl RunPodApi {
                 polls: 0,
                 bid,
                 input: input.clone(),
+                container,
             },
         );
         Answer::json(
@@ -153,11 +216,11 @@ impl RunPodApi {
     }
 
     fn pod_json(id: &str, p: &Pod, running: bool) -> Value {
-        let last = id.bytes().last().unwrap_or(0) as u16;
+        let last = p.container.as_ref().map_or(40000 + id.bytes().last().unwrap_or(0) as u16, |c| c.1);
         json!({
             "id": id, "name": p.name, "desiredStatus": p.status, "image": p.input["imageName"],
             "publicIp": if running { json!("127.0.0.1") } else { json!("") },
-            "portMappings": if running { json!({"22": 40000 + last}) } else { json!({}) },
+            "portMappings": if running { json!({"22": last}) } else { json!({}) },
             "ports": ["22/tcp"], "costPerHr": "0.74", "interruptible": p.bid.is_some(),
             "gpu": {"id": p.gpu, "count": p.count}, "machine": {"dataCenterId": "EU-RO-1"}
         })
@@ -257,12 +320,29 @@ impl Handler for RunPodApi {
                 match s.pods.get_mut(id) {
                     Some(pod) if pod.status != "TERMINATED" => {
                         pod.status = "TERMINATED".into();
+                        if let Some((name, _)) = pod.container.take() {
+                            remove_container(&name);
+                        }
                         Answer { status: 204, body: String::new() }
                     }
                     _ => Answer::status(404, json!({"error": "pod not found"})),
                 }
             }
             _ => Answer::status(400, json!({"errors": [{"message": format!("mock: unsupported {method} {path}")}]})),
+        }
+    }
+}
+
+impl Drop for RunPodMock {
+    fn drop(&mut self) {
+        let names: Vec<String> = self
+            .api
+            .state
+            .lock()
+            .map(|mut s| s.pods.values_mut().filter_map(|p| p.container.take()).map(|c| c.0).collect())
+            .unwrap_or_default();
+        for n in names {
+            remove_container(&n);
         }
     }
 }
@@ -279,7 +359,19 @@ pub struct RunPodMock {
 impl RunPodMock {
     /// Start a mock that accepts `key`.
     pub async fn start(key: &str) -> std::io::Result<Self> {
-        let api = Arc::new(RunPodApi { key: key.into(), state: Mutex::new(State { polls_to_running: 1, ..Default::default() }) });
+        Self::start_inner(key, None).await
+    }
+
+    /// A mock whose pods are real containers of `image` (sshd authorising the pod's
+    /// `PUBLIC_KEY` for root, published on 127.0.0.1): a pool can start on it end to end.
+    /// Containers are removed with their pods, and with the mock.
+    pub async fn start_with_containers(key: &str, image: &str) -> std::io::Result<Self> {
+        Self::start_inner(key, Some(image.to_string())).await
+    }
+
+    async fn start_inner(key: &str, containers: Option<String>) -> std::io::Result<Self> {
+        let api =
+            Arc::new(RunPodApi { key: key.into(), state: Mutex::new(State { polls_to_running: 1, ..Default::default() }), containers });
         let server = MockServer::start(Arc::clone(&api) as Arc<dyn Handler>).await?;
         Ok(Self { server, api, key: key.into() })
     }
