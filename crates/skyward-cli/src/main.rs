@@ -17,7 +17,8 @@ commands:
   offers [--provider runpod,vastai] [--accelerator NAME[:COUNT]] [--count N] [--max-price USD]
          [--spot | --on-demand] [--region R] [--limit N] [--refresh] [--json]
       Offers of the configured providers (those whose credentials are set: RUNPOD_API_KEY,
-      VAST_API_KEY), cheapest first, filtered. Catalogs are cached in ~/.skyward/offers
+      VAST_API_KEY; AWS_ACCESS_KEY_ID or AWS_PROFILE in a build with --features aws),
+      cheapest first, filtered. Catalogs are cached in ~/.skyward/offers
       (minutes for marketplaces); --refresh fetches them again.
   cleanup --cloud runpod,vastai [--pool POOL_ID] [--force] [--dry-run]
       Terminate (and confirm) the machines a pool left on those clouds: the pool's with

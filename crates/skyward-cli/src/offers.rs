@@ -84,20 +84,28 @@ pub(crate) type Configured = (Vec<Arc<dyn Provider>>, Vec<String>);
 /// credentials are in the environment. Endpoints can be redirected (`SKYWARD_RUNPOD_GRAPHQL_URL`,
 /// `SKYWARD_RUNPOD_REST_URL`, `SKYWARD_VASTAI_URL`), e.g. to a proxy.
 pub(crate) fn providers(named: Option<&[String]>, env: &dyn Fn(&str) -> Option<String>) -> Result<Configured, String> {
-    const KNOWN: [(&str, &str); 2] = [("runpod", "RUNPOD_API_KEY"), ("vastai", "VAST_API_KEY")];
+    let mut known: Vec<(&str, &str)> = vec![("runpod", "RUNPOD_API_KEY"), ("vastai", "VAST_API_KEY")];
+    if cfg!(feature = "aws") {
+        known.push(("aws", "AWS_ACCESS_KEY_ID"));
+    }
     let wanted: Vec<&str> = match named {
         Some(list) => {
             for n in list {
-                if !KNOWN.iter().any(|(k, _)| k == n) {
-                    return Err(format!("unknown provider {n:?} (hint: one of {})", KNOWN.map(|k| k.0).join(", ")));
+                if !known.iter().any(|(k, _)| k == n) {
+                    let names: Vec<&str> = known.iter().map(|k| k.0).collect();
+                    let aws = if cfg!(feature = "aws") { "" } else { "; aws needs a build with --features aws" };
+                    return Err(format!("unknown provider {n:?} (hint: one of {}{aws})", names.join(", ")));
                 }
             }
             list.iter().map(String::as_str).collect()
         }
-        None => KNOWN.iter().filter(|(_, var)| env(var).is_some()).map(|(k, _)| *k).collect(),
+        None => {
+            known.iter().filter(|(k, var)| env(var).is_some() || (*k == "aws" && env("AWS_PROFILE").is_some())).map(|(k, _)| *k).collect()
+        }
     };
     if wanted.is_empty() {
-        return Err("no provider is configured (hint: set RUNPOD_API_KEY or VAST_API_KEY, or pass --provider)".into());
+        let vars: Vec<&str> = known.iter().map(|k| k.1).collect();
+        return Err(format!("no provider is configured (hint: set {}, or pass --provider)", vars.join(" or ")));
     }
     let mut out: Vec<Arc<dyn Provider>> = Vec::new();
     let mut problems = Vec::new();
@@ -115,6 +123,13 @@ pub(crate) fn providers(named: Option<&[String]>, env: &dyn Fn(&str) -> Option<S
                     c.rest_url = u;
                 }
                 c.provider().map(|p| Arc::new(p) as Arc<dyn Provider>)
+            }
+            #[cfg(feature = "aws")]
+            "aws" => {
+                let region = env("AWS_REGION").or_else(|| env("AWS_DEFAULT_REGION")).unwrap_or_else(|| "us-east-1".into());
+                skyward_aws::Aws { region, endpoint_url: env("SKYWARD_AWS_ENDPOINT"), ..Default::default() }
+                    .provider()
+                    .map(|p| Arc::new(p) as Arc<dyn Provider>)
             }
             _ => {
                 let mut c = skyward_provider::vastai::VastAi {
@@ -275,7 +290,7 @@ mod tests {
     #[test]
     fn providers_come_from_credentials() {
         let none = |_: &str| None;
-        assert!(providers(None, &none).err().unwrap().contains("hint: set RUNPOD_API_KEY"));
+        assert!(providers(None, &none).err().unwrap().contains("hint: set RUNPOD_API_KEY or VAST_API_KEY"));
         let named = vec!["aws2".to_string()];
         assert!(providers(Some(&named), &none).err().unwrap().contains("unknown provider"));
         let vast_only = |k: &str| (k == "VAST_API_KEY").then(|| "k".to_string());

@@ -228,6 +228,8 @@ pub struct Funnel {
     pub matched: usize,
     /// Cheapest price per node-hour among those that failed only on the price cap.
     pub cheapest_over_cap: Option<f64>,
+    /// When the asked region is in none of the offers: the regions the provider does sell in.
+    pub unknown_region: Option<(String, Vec<String>)>,
 }
 
 impl fmt::Display for Funnel {
@@ -239,6 +241,11 @@ impl fmt::Display for Funnel {
         write!(f, "; {} matched", self.matched)?;
         if let Some(p) = self.cheapest_over_cap {
             write!(f, " (the cheapest over the cap costs ${p:.2}/h per node)")?;
+        }
+        if let Some((asked, known)) = &self.unknown_region {
+            let shown: Vec<&str> = known.iter().take(12).map(String::as_str).collect();
+            let more = if known.len() > shown.len() { format!(" and {} more", known.len() - shown.len()) } else { String::new() };
+            write!(f, "; region {asked:?} is not one {} sells in (hint: one of {}{more})", self.provider, shown.join(", "))?;
         }
         Ok(())
     }
@@ -347,6 +354,15 @@ pub fn matching(req: &Requirements, provider: &str, offers: &[Offer]) -> (Vec<(u
         rejected: REASONS.iter().zip(counts).filter(|(_, n)| *n > 0).map(|(r, n)| (*r, n)).collect(),
         matched: hits.len(),
         cheapest_over_cap,
+        unknown_region: req.region.as_ref().and_then(|r| {
+            if offers.iter().any(|o| o.region.eq_ignore_ascii_case(r)) {
+                return None;
+            }
+            let mut known: Vec<String> = offers.iter().map(|o| o.region.clone()).filter(|r| !r.is_empty()).collect();
+            known.sort();
+            known.dedup();
+            (!known.is_empty()).then(|| (r.clone(), known))
+        }),
     };
     (hits, funnel)
 }
@@ -599,6 +615,19 @@ mod tests {
         assert!(text.contains("1 with another accelerator"), "{text}");
         assert!(text.contains("1 not sold with this allocation"), "{text}");
         assert!(text.contains("hint:"), "{text}");
+    }
+
+    #[test]
+    fn an_unknown_region_lists_the_known_ones() {
+        let offers = [gpu_offer("p", "a", "H100", 1.0, None, Some(2.0))];
+        let mut r = req(accelerators::h100());
+        r.region = Some("mars-1".into());
+        let (hits, funnel) = matching(&r, "p", &offers);
+        assert!(hits.is_empty());
+        let text = funnel.to_string();
+        assert!(text.contains("region \"mars-1\" is not one p sells in (hint: one of r1)"), "{text}");
+        r.region = Some("R1".into());
+        assert_eq!(matching(&r, "p", &offers).0.len(), 1, "regions match in any case");
     }
 
     #[test]
