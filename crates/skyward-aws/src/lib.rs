@@ -919,8 +919,6 @@ impl Cloud for AwsCloud {
     }
 }
 
-/// Per-pool resources still tagged with `pool_id` (security groups, key pairs, launch
-/// templates), for the teardown check.
 impl AwsCloud {
     /// Names of the security groups, key pairs and launch templates tagged with any pool.
     pub async fn tagged_resources(&self) -> Result<Vec<String>, ProviderError> {

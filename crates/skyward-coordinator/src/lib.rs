@@ -337,10 +337,9 @@ impl Compute {
             image.validate().map_err(|e| StartError::Invalid(format!("image: {e}")))?;
         }
         let (candidates, mut attempts) = self.candidates().await?;
-        let specs = self.specs.clone();
         let total = candidates.len();
         for (i, candidate) in candidates.into_iter().enumerate() {
-            let spec = &specs[candidate.spec];
+            let spec = &self.specs[candidate.spec];
             let nodes = self.nodes.unwrap_or(spec.requirements.nodes);
             tracing::info!(offer = %select::describe_candidate(&candidate), nodes, attempt = i + 1, of = total, "starting");
             match self.start_on(spec, &candidate, nodes, attempts.clone()).await {

@@ -145,9 +145,8 @@ static POOLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0
 /// A pool context with the cheapest accelerator offer of the catalog as its placement.
 async fn pool_with_offer(cloud: &dyn Cloud) -> Result<PoolContext, String> {
     let offers = cloud.offers().await.map_err(err("offers"))?;
-    let req = Requirements { nodes: 1, ..Default::default() };
     let with_gpu: Vec<Offer> = offers.into_iter().filter(|o| o.instance_type.accelerator.is_some()).collect();
-    let picked = select::select(&[(&req, cloud.name(), &with_gpu[..])], select::Selection::Cheapest, 1).map_err(err("select"))?;
+    let picked = cheapest(cloud, &with_gpu, 1)?;
     let c = &picked[0];
     let n = POOLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let pool_id = format!("sky-kit{:03}{}", n, std::process::id() % 1000);
@@ -155,20 +154,21 @@ async fn pool_with_offer(cloud: &dyn Cloud) -> Result<PoolContext, String> {
         pool_id: pool_id.clone(),
         state_dir: std::env::temp_dir().join(format!("skyward-kit-{pool_id}")),
         image: None,
-        placement: Some(Placement {
-            offer: c.offer.clone(),
-            spot: c.spot,
-            allocation: bought(c.spot),
-            node_price: c.node_price,
-            max_hourly_cost: None,
-            disk_gb: None,
-        }),
+        placement: Some(placement_of(c)),
     })
 }
 
-/// The allocation a candidate was bought with (no provider-side fallback in the kit's cases).
-fn bought(spot: bool) -> skyward_provider::Allocation {
-    if spot { skyward_provider::Allocation::Spot } else { skyward_provider::Allocation::OnDemand }
+/// A candidate as the pool's placement, bought exactly as ranked (spot or on-demand: no
+/// provider-side fallback in the kit's cases).
+fn placement_of(c: &select::Candidate) -> Placement {
+    let allocation = if c.spot { skyward_provider::Allocation::Spot } else { skyward_provider::Allocation::OnDemand };
+    Placement { offer: c.offer.clone(), spot: c.spot, allocation, node_price: c.node_price, max_hourly_cost: None, disk_gb: None }
+}
+
+/// The `n` cheapest candidates for one node among `offers`.
+fn cheapest(cloud: &dyn Cloud, offers: &[Offer], n: usize) -> Result<Vec<select::Candidate>, String> {
+    let req = Requirements { nodes: 1, ..Default::default() };
+    select::select(&[(&req, cloud.name(), offers)], select::Selection::Cheapest, n).map_err(err("select"))
 }
 
 fn request(pool: &PoolContext, rank: u32) -> MachineRequest {
@@ -238,17 +238,9 @@ async fn teardown_removes_everything(t: &dyn CloudUnderTest) -> Result<(), Strin
         let mut p = pool.clone();
         if rank == 1 {
             let offers = cloud.offers().await.map_err(err("offers"))?;
-            let req = Requirements { nodes: 1, ..Default::default() };
-            let picked = select::select(&[(&req, cloud.name(), &offers[..])], select::Selection::Cheapest, 2).map_err(err("select"))?;
+            let picked = cheapest(&*cloud, &offers, 2)?;
             let c = picked.last().ok_or("no second offer")?;
-            p.placement = Some(Placement {
-                offer: c.offer.clone(),
-                spot: c.spot,
-                allocation: bought(c.spot),
-                node_price: c.node_price,
-                max_hourly_cost: None,
-                disk_gb: None,
-            });
+            p.placement = Some(placement_of(c));
         }
         ids.push(cloud.provision(&p, &request(&pool, rank)).await.map_err(err("provision"))?.id);
     }
@@ -394,20 +386,11 @@ pub async fn calls_per_start(t: &dyn CloudUnderTest, nodes: u32) -> Result<std::
     let mut pool = pool_with_offer(&*cloud).await?;
     cloud.prepare(&pool, KEY).await.map_err(err("prepare"))?;
     let offers = cloud.offers().await.map_err(err("offers"))?;
-    let req = Requirements { nodes: 1, ..Default::default() };
-    let picked =
-        select::select(&[(&req, cloud.name(), &offers[..])], select::Selection::Cheapest, nodes as usize).map_err(err("select"))?;
+    let picked = cheapest(&*cloud, &offers, nodes as usize)?;
     for rank in 0..nodes {
         // Marketplace asks are single machines: one candidate per node.
         let c = &picked[rank as usize % picked.len()];
-        pool.placement = Some(Placement {
-            offer: c.offer.clone(),
-            spot: c.spot,
-            allocation: bought(c.spot),
-            node_price: c.node_price,
-            max_hourly_cost: None,
-            disk_gb: None,
-        });
+        pool.placement = Some(placement_of(c));
         let m = cloud.provision(&pool, &request(&pool, rank)).await.map_err(err("provision"))?;
         machines::wait_running(&*cloud, &m.id, Duration::from_secs(20)).await.map_err(err("wait_running"))?;
     }
