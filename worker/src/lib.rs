@@ -80,8 +80,18 @@ pub enum ExitReason {
     CoordinatorSilent(Duration),
 }
 
+/// Runs a function call inside the worker process instead of in an executor process:
+/// `(registered name, encoded arguments)` in, the encoded result out.
+///
+/// Only for simulations that need many nodes in one process (the peer benchmark's 1,000 simulated
+/// nodes), which link their own functions. The `skyward-worker` binary never sets it, so on every
+/// real node user code still runs in a separate executor process.
+pub type InlineCalls =
+    Arc<dyn Fn(String, Vec<u8>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, RemoteError>> + Send>> + Send + Sync>;
+
 struct Worker {
     config: WorkerConfig,
+    inline: Option<InlineCalls>,
     epoch: Instant,
     core: Mutex<Core>,
     executors: Executors,
@@ -244,6 +254,15 @@ impl Worker {
         initial_credit: u32,
         credit: Arc<Notify>,
     ) -> Outcome {
+        if let Some(inline) = &self.inline {
+            if streaming {
+                return Outcome::Error(RemoteError::new(RemoteErrorKind::Worker, "inline calls are unary only"));
+            }
+            return match inline(name, args).await {
+                Ok(bytes) => Outcome::Value(bytes),
+                Err(e) => Outcome::Error(e),
+            };
+        }
         let call = match self.executors.call(binary, name, args, info, streaming, initial_credit).await {
             Ok(call) => call,
             Err(e) => return Outcome::Error(e),
@@ -669,6 +688,12 @@ fn bind_standalone_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::
 
 /// Run the worker until it is told to stop, is refused, or the coordinator goes silent.
 pub async fn run(config: WorkerConfig) -> anyhow::Result<ExitReason> {
+    run_with(config, None).await
+}
+
+/// [`run`], with function calls served by `inline` in this process when it is given (see
+/// [`InlineCalls`]: simulations only).
+pub async fn run_with(config: WorkerConfig, inline: Option<InlineCalls>) -> anyhow::Result<ExitReason> {
     std::fs::create_dir_all(&config.cache_dir)?;
     std::fs::create_dir_all(&config.state_dir)?;
     let epoch = Instant::now();
@@ -726,6 +751,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<ExitReason> {
     let worker = Arc::new(Worker {
         executors: Executors::new(config.cache_dir.clone(), config.state_dir.clone(), hook),
         cluster,
+        inline,
         actors: Mutex::new(HashMap::new()),
         next_actor: std::sync::atomic::AtomicU64::new(1),
         config,

@@ -8,9 +8,10 @@ use crate::error::ProtocolError;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-/// Default upper bound for one frame: large enough for a big argument, small enough that a
-/// garbage length prefix cannot make a peer allocate gigabytes.
-pub const DEFAULT_MAX_FRAME: usize = 256 * 1024 * 1024;
+/// Default upper bound for one frame: room for a 1 GiB argument (model weights, a dataset shard)
+/// plus its framing; frames only come from peers that passed mutual TLS, and a garbage length
+/// prefix is still refused before anything is allocated for it.
+pub const DEFAULT_MAX_FRAME: usize = (1 << 30) + (1 << 20);
 
 /// Length of the frame header.
 pub const HEADER_LEN: usize = 4;

@@ -144,7 +144,7 @@ impl Offer {
 }
 
 /// The one free offer of a provider that runs nodes on this machine: its CPUs and memory.
-pub(crate) fn this_machine(provider: &str, instance_type: &str) -> Offer {
+pub fn this_machine(provider: &str, instance_type: &str) -> Offer {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
     // SAFETY: sysconf has no preconditions.
     let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };

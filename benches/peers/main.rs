@@ -1,0 +1,608 @@
+//! Peer benchmark: the same scenarios on Skyward (Local provider, real QUIC with mutual TLS, real
+//! worker and executor processes) and on Ray, in one run on one machine; prints a table (median,
+//! min-max over repetitions, ratio, target) and writes it as JSON.
+//!
+//! ```text
+//! cargo bench --bench peers                      # full run; installs Ray into a venv if needed
+//! cargo bench --bench peers -- --json out.json   # where the JSON goes (default: $TMPDIR/skyward-peers.json)
+//! cargo bench --bench peers -- --no-ray          # Skyward only
+//! cargo test --bench peers -- --test             # smoke run (what .ci/run does): tiny counts
+//! ```
+//!
+//! Ray comes from `benches/peers/setup-ray.sh` (pinned version, its own virtualenv) unless
+//! `SKYWARD_RAY_PYTHON` names a Python that has it; its scenarios are in `benches/peers/ray_peer.py`.
+//! The scale scenario (1,000 simulated nodes) is Skyward only: see `sim.rs`.
+#![allow(clippy::print_stdout)]
+
+mod sim;
+
+use serde_json::{Value, json};
+use skyward::{Compute, Local, Worker};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[skyward::function]
+async fn noop() {}
+
+/// Touches the argument (one byte per page) so it cannot be skipped.
+#[skyward::function]
+async fn consume(data: serde_bytes::ByteBuf) -> u64 {
+    data.iter().step_by(4096).map(|b| *b as u64).sum::<u64>() + data.len() as u64
+}
+
+struct Echo;
+
+impl skyward::Actor for Echo {
+    type Args = ();
+    type Msg = u64;
+    type Reply = u64;
+
+    async fn start(_: ()) -> anyhow::Result<Self> {
+        Ok(Echo)
+    }
+
+    async fn handle(&mut self, msg: u64) -> anyhow::Result<u64> {
+        Ok(msg)
+    }
+}
+skyward::actor!(Echo);
+
+/// Run sizes; `--test` shrinks everything to prove the paths work.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    reps: usize,
+    sync_samples: usize,
+    async_tasks: usize,
+    actor_calls: usize,
+    broadcast_bytes: usize,
+    start_reps: usize,
+    scale_nodes: u32,
+    scale_tasks: usize,
+}
+
+impl Sizes {
+    fn new(quick: bool, reps: Option<usize>) -> Self {
+        if quick {
+            Sizes {
+                reps: 1,
+                sync_samples: 100,
+                async_tasks: 1_000,
+                actor_calls: 200,
+                broadcast_bytes: 16 << 20,
+                start_reps: 1,
+                scale_nodes: 20,
+                scale_tasks: 1_000,
+            }
+        } else {
+            Sizes {
+                reps: reps.unwrap_or(5),
+                sync_samples: 5_000,
+                async_tasks: 100_000,
+                actor_calls: 10_000,
+                broadcast_bytes: 256 << 20,
+                start_reps: 5,
+                scale_nodes: 1_000,
+                scale_tasks: 100_000,
+            }
+        }
+    }
+}
+
+fn percentile_us(samples: &mut [Duration], p: f64) -> f64 {
+    samples.sort_unstable();
+    samples[((samples.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1e6
+}
+
+/// One scenario's per-repetition values, by metric, in the JSON shape `ray_peer.py` writes.
+fn scenario(name: &str, metrics: &[(&str, Vec<f64>)], note: Option<String>) -> Value {
+    let metrics: serde_json::Map<String, Value> = metrics.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    let mut s = json!({ "name": name, "metrics": metrics });
+    if let Some(note) = note {
+        s["note"] = json!(note);
+    }
+    s
+}
+
+fn main() {
+    skyward::init();
+    if std::env::var(sim::ROLE_ENV).as_deref() == Ok("sim-host") {
+        sim::host_main();
+    }
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let quick = args.iter().any(|a| a == "--test");
+    let sizes = Sizes::new(quick, flag("--reps").and_then(|r| r.parse().ok()));
+    if std::env::var(sim::ROLE_ENV).as_deref() == Ok("scale") {
+        scale_main(sizes);
+    }
+    let json_path = flag("--json").map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("skyward-peers.json"));
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+
+    let mut ours = Vec::new();
+    eprintln!("skyward: 2 Local workers: sync round trips, async throughput, actor calls");
+    ours.extend(rt.block_on(two_workers(sizes)));
+    eprintln!("skyward: broadcast to 4 Local workers");
+    ours.push(rt.block_on(broadcast(sizes)));
+    eprintln!("skyward: pool start, 4 Local workers");
+    ours.push(rt.block_on(pool_start(sizes)));
+    eprintln!("skyward: scale, {} simulated nodes (own process)", sizes.scale_nodes);
+    ours.push(scale(sizes));
+
+    let ray = if args.iter().any(|a| a == "--no-ray") { Err("skipped (--no-ray)".to_string()) } else { run_ray(quick, sizes.reps) };
+    let report = report(&ours, &ray, quick);
+    print_table(&report);
+    let text = serde_json::to_string_pretty(&report).expect("json");
+    match std::fs::write(&json_path, text) {
+        Ok(()) => println!("\nJSON: {}", json_path.display()),
+        Err(e) => eprintln!("cannot write {}: {e}", json_path.display()),
+    }
+}
+
+/// Sync and async tasks and actor calls on one pool of 2 Local workers.
+async fn two_workers(sizes: Sizes) -> Vec<Value> {
+    let pool = Compute::new(Local::default()).nodes(2).worker(Worker { concurrency: 256 }).start().await.expect("pool");
+    // Executors start on first use.
+    pool.gather((0..1000).map(|_| noop())).await.expect("warm up");
+    let mut out = Vec::new();
+
+    let (mut p50, mut p99) = (Vec::new(), Vec::new());
+    for _ in 0..sizes.reps {
+        let mut samples = Vec::with_capacity(sizes.sync_samples);
+        for _ in 0..sizes.sync_samples {
+            let t = Instant::now();
+            pool.run(noop()).await.expect("noop");
+            samples.push(t.elapsed());
+        }
+        p50.push(percentile_us(&mut samples, 0.5));
+        p99.push(percentile_us(&mut samples, 0.99));
+    }
+    out.push(scenario("sync_task_roundtrip", &[("p50_us", p50), ("p99_us", p99)], None));
+
+    let mut rates = Vec::new();
+    for _ in 0..sizes.reps {
+        let t = Instant::now();
+        pool.gather((0..sizes.async_tasks).map(|_| noop())).await.expect("gather");
+        rates.push(sizes.async_tasks as f64 / t.elapsed().as_secs_f64());
+    }
+    out.push(scenario("async_task_throughput", &[("tasks_per_s", rates)], Some(format!("{} tasks per repetition", sizes.async_tasks))));
+
+    let echo = pool.spawn_actor_on::<Echo>(1, &()).await.expect("spawn actor");
+    for i in 0..100 {
+        echo.call(&i).await.expect("warm up");
+    }
+    let (mut p50, mut p99) = (Vec::new(), Vec::new());
+    for _ in 0..sizes.reps {
+        let mut samples = Vec::with_capacity(sizes.sync_samples);
+        for i in 0..sizes.sync_samples as u64 {
+            let t = Instant::now();
+            echo.call(&i).await.expect("actor call");
+            samples.push(t.elapsed());
+        }
+        p50.push(percentile_us(&mut samples, 0.5));
+        p99.push(percentile_us(&mut samples, 0.99));
+    }
+    out.push(scenario("sync_actor_call", &[("p50_us", p50), ("p99_us", p99)], Some("coordinator -> actor on rank 1".into())));
+
+    let mut rates = Vec::new();
+    for _ in 0..sizes.reps {
+        let t = Instant::now();
+        let calls = (0..sizes.actor_calls as u64).map(|i| {
+            let echo = echo.clone();
+            async move { echo.call(&i).await }
+        });
+        futures::future::try_join_all(calls).await.expect("actor calls");
+        rates.push(sizes.actor_calls as f64 / t.elapsed().as_secs_f64());
+    }
+    out.push(scenario(
+        "async_actor_calls",
+        &[("calls_per_s", rates)],
+        Some(format!("{} concurrent calls per repetition", sizes.actor_calls)),
+    ));
+    pool.shutdown().await.expect("shutdown");
+    out
+}
+
+/// One argument of `broadcast_bytes` to each of 4 workers: aggregate GB/s from the call to the
+/// last answer.
+async fn broadcast(sizes: Sizes) -> Value {
+    let pool = Compute::new(Local::default()).nodes(4).start().await.expect("pool");
+    pool.broadcast(noop()).await.expect("warm up");
+    let data: Vec<u8> = (0..sizes.broadcast_bytes).map(|i| (i % 251) as u8).collect();
+    let want = data.iter().step_by(4096).map(|b| *b as u64).sum::<u64>() + data.len() as u64;
+    let (mut rates, mut seconds) = (Vec::new(), Vec::new());
+    for _ in 0..sizes.reps {
+        let t = Instant::now();
+        let got = pool.broadcast(consume(serde_bytes::ByteBuf::from(data.clone()))).await.expect("broadcast");
+        let s = t.elapsed().as_secs_f64();
+        assert!(got.iter().all(|g| *g == want), "a node saw different bytes");
+        seconds.push(s);
+        rates.push(4.0 * sizes.broadcast_bytes as f64 / s / 1e9);
+    }
+    pool.shutdown().await.expect("shutdown");
+    scenario(
+        "broadcast_256mib_4_workers",
+        &[("gb_per_s", rates), ("seconds", seconds)],
+        Some(format!("{} MiB to each of 4 nodes over QUIC, once per node", sizes.broadcast_bytes >> 20)),
+    )
+}
+
+/// `Compute::start()` until 4 Local workers are ready (executable staged, hello, lanes).
+async fn pool_start(sizes: Sizes) -> Value {
+    let mut ms = Vec::new();
+    for _ in 0..sizes.start_reps {
+        let t = Instant::now();
+        let pool = Compute::new(Local::default()).nodes(4).start().await.expect("pool");
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        pool.shutdown().await.expect("shutdown");
+    }
+    scenario("pool_start_4_workers", &[("ready_ms", ms)], Some("Compute::start() until every worker has joined".into()))
+}
+
+/// The scale scenario in a child process (so the RSS measured is the coordinator's alone).
+fn scale(sizes: Sizes) -> Value {
+    let exe = std::env::current_exe().expect("exe");
+    let mut command = std::process::Command::new(exe);
+    command.env(sim::ROLE_ENV, "scale").stderr(std::process::Stdio::inherit());
+    if sizes.scale_nodes < 1000 {
+        command.arg("--test");
+    }
+    let out = command.output().expect("scale process");
+    let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
+    match serde_json::from_str::<Value>(&line) {
+        Ok(v) if out.status.success() => v,
+        _ => panic!("scale scenario failed ({}): {}", out.status, String::from_utf8_lossy(&out.stdout)),
+    }
+}
+
+fn proc_status_kib(pid: &str, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+/// Role `scale`: a pool of `scale_nodes` sim nodes; prints one JSON line.
+fn scale_main(sizes: Sizes) -> ! {
+    raise_fd_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let cache = std::env::temp_dir().join(format!("skyward-sim-cache-{}", std::process::id()));
+    let sim = sim::Sim::new(cache.clone());
+    let value = rt.block_on(async {
+        let t = Instant::now();
+        let pool = Compute::new(sim.clone()).nodes(sizes.scale_nodes).start().await.expect("pool of sim nodes");
+        let ready = t.elapsed().as_secs_f64();
+        let rss_ready = proc_status_kib("self", "VmRSS:") / 1024.0;
+        let t = Instant::now();
+        pool.gather((0..sizes.scale_tasks).map(|_| noop())).await.expect("gather");
+        let rate = sizes.scale_tasks as f64 / t.elapsed().as_secs_f64();
+        let rss_peak = proc_status_kib("self", "VmHWM:") / 1024.0;
+        let host_rss = sim.host_pid().map_or(f64::NAN, |pid| proc_status_kib(&pid.to_string(), "VmRSS:") / 1024.0);
+        pool.shutdown().await.expect("shutdown");
+        scenario(
+            "scale_1000_sim_nodes",
+            &[
+                ("ready_s", vec![ready]),
+                ("coordinator_rss_mb", vec![rss_ready]),
+                ("coordinator_peak_rss_mb", vec![rss_peak]),
+                ("tasks_per_s", vec![rate]),
+                ("sim_host_rss_mb", vec![host_rss]),
+            ],
+            Some(format!(
+                "{} nodes: real workers (session, QUIC + mutual TLS, lanes) in one sim-host process, calls served there; {} tasks",
+                sizes.scale_nodes, sizes.scale_tasks
+            )),
+        )
+    });
+    let _ = std::fs::remove_dir_all(&cache);
+    println!("{value}");
+    std::process::exit(0)
+}
+
+/// A thousand connections and state files need more descriptors than the common soft limit.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// Ray's figures from `ray_peer.py`, or why there are none.
+fn run_ray(quick: bool, reps: usize) -> Result<Value, String> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/peers");
+    let python = match std::env::var("SKYWARD_RAY_PYTHON") {
+        Ok(p) => p,
+        Err(_) => {
+            eprintln!("ray: setting up the virtualenv (benches/peers/setup-ray.sh)");
+            let out = std::process::Command::new("bash")
+                .arg(root.join("setup-ray.sh"))
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .map_err(|e| format!("cannot run setup-ray.sh: {e}"))?;
+            if !out.status.success() {
+                return Err(format!("setup-ray.sh failed ({})", out.status));
+            }
+            String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_string()
+        }
+    };
+    let out_file = std::env::temp_dir().join(format!("skyward-ray-{}.json", std::process::id()));
+    eprintln!("ray: running benches/peers/ray_peer.py with {python}");
+    let mut command = std::process::Command::new(&python);
+    command.arg(root.join("ray_peer.py")).arg("--out").arg(&out_file).arg("--reps").arg(reps.to_string());
+    if quick {
+        command.arg("--quick");
+    }
+    let status = command.status().map_err(|e| format!("cannot run {python}: {e}"))?;
+    if !status.success() {
+        return Err(format!("ray_peer.py failed ({status})"));
+    }
+    let text = std::fs::read_to_string(&out_file).map_err(|e| format!("no Ray output: {e}"))?;
+    let _ = std::fs::remove_file(&out_file);
+    serde_json::from_str(&text).map_err(|e| format!("malformed Ray output: {e}"))
+}
+
+/// How a metric compares: which way is better, and the issue's targets.
+struct MetricSpec {
+    scenario: &'static str,
+    metric: &'static str,
+    title: &'static str,
+    unit: &'static str,
+    higher_is_better: bool,
+    /// Absolute target on the median (`<=` when lower is better, `>=` otherwise).
+    target: Option<f64>,
+    /// Target on the ratio to Ray (how many times better).
+    ratio_target: Option<f64>,
+}
+
+const METRICS: &[MetricSpec] = &[
+    MetricSpec {
+        scenario: "sync_task_roundtrip",
+        metric: "p50_us",
+        title: "sync no-op task round trip, p50",
+        unit: "us",
+        higher_is_better: false,
+        target: Some(60.0),
+        ratio_target: Some(15.0),
+    },
+    MetricSpec {
+        scenario: "sync_task_roundtrip",
+        metric: "p99_us",
+        title: "sync no-op task round trip, p99",
+        unit: "us",
+        higher_is_better: false,
+        target: None,
+        ratio_target: None,
+    },
+    MetricSpec {
+        scenario: "async_task_throughput",
+        metric: "tasks_per_s",
+        title: "async no-op tasks, 1 client -> 2 workers",
+        unit: "tasks/s",
+        higher_is_better: true,
+        target: Some(200_000.0),
+        ratio_target: Some(20.0),
+    },
+    MetricSpec {
+        scenario: "sync_actor_call",
+        metric: "p50_us",
+        title: "sync actor call, p50",
+        unit: "us",
+        higher_is_better: false,
+        target: None,
+        ratio_target: None,
+    },
+    MetricSpec {
+        scenario: "sync_actor_call",
+        metric: "p99_us",
+        title: "sync actor call, p99",
+        unit: "us",
+        higher_is_better: false,
+        target: None,
+        ratio_target: None,
+    },
+    MetricSpec {
+        scenario: "async_actor_calls",
+        metric: "calls_per_s",
+        title: "async actor calls, 1 actor",
+        unit: "calls/s",
+        higher_is_better: true,
+        target: None,
+        ratio_target: None,
+    },
+    MetricSpec {
+        scenario: "broadcast_256mib_4_workers",
+        metric: "gb_per_s",
+        title: "broadcast 256 MiB to 4 workers, aggregate",
+        unit: "GB/s",
+        higher_is_better: true,
+        target: Some(1.0),
+        ratio_target: None,
+    },
+    MetricSpec {
+        scenario: "pool_start_4_workers",
+        metric: "ready_ms",
+        title: "pool start, 4 Local workers ready",
+        unit: "ms",
+        higher_is_better: false,
+        target: Some(300.0),
+        ratio_target: None,
+    },
+    MetricSpec {
+        scenario: "scale_1000_sim_nodes",
+        metric: "ready_s",
+        title: "1,000 sim nodes: all ready",
+        unit: "s",
+        higher_is_better: false,
+        target: Some(10.0),
+        ratio_target: None,
+    },
+    MetricSpec {
+        scenario: "scale_1000_sim_nodes",
+        metric: "coordinator_rss_mb",
+        title: "1,000 sim nodes: coordinator RSS when ready",
+        unit: "MB",
+        higher_is_better: false,
+        target: Some(200.0),
+        ratio_target: None,
+    },
+    MetricSpec {
+        scenario: "scale_1000_sim_nodes",
+        metric: "coordinator_peak_rss_mb",
+        title: "1,000 sim nodes: coordinator peak RSS",
+        unit: "MB",
+        higher_is_better: false,
+        target: Some(200.0),
+        ratio_target: None,
+    },
+    MetricSpec {
+        scenario: "scale_1000_sim_nodes",
+        metric: "tasks_per_s",
+        title: "1,000 sim nodes: 100k tasks dispatched",
+        unit: "tasks/s",
+        higher_is_better: true,
+        target: None,
+        ratio_target: None,
+    },
+];
+
+/// Median, min and max of a metric's repetitions.
+fn summary(scenarios: &[Value], scenario: &str, metric: &str) -> Option<(f64, f64, f64, usize)> {
+    let s = scenarios.iter().find(|s| s["name"] == scenario)?;
+    let mut values: Vec<f64> = s["metrics"][metric].as_array()?.iter().filter_map(Value::as_f64).collect();
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    Some((values[values.len() / 2], values[0], values[values.len() - 1], values.len()))
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": cpu,
+        "memory_gib": (proc_status_kib_meminfo() / 1048576.0).round(),
+        "loadavg": load.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+    })
+}
+
+fn proc_status_kib_meminfo() -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+fn report(ours: &[Value], ray: &Result<Value, String>, quick: bool) -> Value {
+    let empty = Vec::new();
+    let theirs = ray.as_ref().ok().and_then(|r| r["scenarios"].as_array()).unwrap_or(&empty);
+    let rows: Vec<Value> = METRICS
+        .iter()
+        .map(|m| {
+            let sky = summary(ours, m.scenario, m.metric);
+            let peer = summary(theirs, m.scenario, m.metric);
+            let ratio = match (sky, peer) {
+                (Some((s, ..)), Some((r, ..))) if s > 0.0 && r > 0.0 => Some(if m.higher_is_better { s / r } else { r / s }),
+                _ => None,
+            };
+            let met = |value: f64, bound: f64| if m.higher_is_better { value >= bound } else { value <= bound };
+            let ray_note = match ray {
+                Err(why) => why.clone(),
+                Ok(_) if peer.is_none() => "not measured on Ray".to_string(),
+                Ok(_) => String::new(),
+            };
+            json!({
+                "scenario": m.scenario,
+                "metric": m.metric,
+                "title": m.title,
+                "unit": m.unit,
+                "higher_is_better": m.higher_is_better,
+                "skyward": sky.map(|(med, min, max, n)| json!({"median": med, "min": min, "max": max, "reps": n})),
+                "ray": peer.map(|(med, min, max, n)| json!({"median": med, "min": min, "max": max, "reps": n})),
+                "ray_note": ray_note,
+                "times_better": ratio,
+                "target": m.target,
+                "target_met": sky.zip(m.target).map(|((v, ..), t)| met(v, t)),
+                "ratio_target": m.ratio_target,
+                "ratio_target_met": ratio.zip(m.ratio_target).map(|(r, t)| r >= t),
+            })
+        })
+        .collect();
+    json!({
+        "quick": quick,
+        "machine": machine(),
+        "ray_version": ray.as_ref().ok().and_then(|r| r["version"].as_str()),
+        "rows": rows,
+        "skyward": ours,
+        "ray": ray.as_ref().ok(),
+        "notes": ours.iter().chain(theirs.iter()).filter_map(|s| Some(format!("{}: {}", s["name"].as_str()?, s["note"].as_str()?))).collect::<Vec<_>>(),
+    })
+}
+
+fn fmt_num(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn fmt_cell(cell: &Value) -> String {
+    match (cell["median"].as_f64(), cell["min"].as_f64(), cell["max"].as_f64()) {
+        (Some(med), Some(min), Some(max)) if cell["reps"].as_u64() > Some(1) => {
+            format!("{} ({}-{})", fmt_num(med), fmt_num(min), fmt_num(max))
+        }
+        (Some(med), ..) => fmt_num(med),
+        _ => "-".into(),
+    }
+}
+
+fn print_table(report: &Value) {
+    println!();
+    println!("| scenario | unit | Skyward median (min-max) | Ray median (min-max) | Skyward vs Ray | target |");
+    println!("|---|---|---|---|---|---|");
+    for row in report["rows"].as_array().into_iter().flatten() {
+        let ray = if row["ray"].is_null() { row["ray_note"].as_str().unwrap_or("-").to_string() } else { fmt_cell(&row["ray"]) };
+        let ratio = row["times_better"].as_f64().map_or("-".into(), |r| format!("{r:.1}x better"));
+        let higher = row["higher_is_better"].as_bool().unwrap_or(false);
+        let mut target = Vec::new();
+        if let Some(t) = row["target"].as_f64() {
+            let met = if row["target_met"].as_bool() == Some(true) { "met" } else { "missed" };
+            target.push(format!("{} {} ({met})", if higher { ">=" } else { "<=" }, fmt_num(t)));
+        }
+        if let Some(t) = row["ratio_target"].as_f64() {
+            let met = match row["ratio_target_met"].as_bool() {
+                Some(true) => "met",
+                Some(false) => "missed",
+                None => "no peer figure",
+            };
+            target.push(format!(">= {t:.0}x Ray ({met})"));
+        }
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            row["title"].as_str().unwrap_or_default(),
+            row["unit"].as_str().unwrap_or_default(),
+            fmt_cell(&row["skyward"]),
+            ray,
+            ratio,
+            target.join(", ")
+        );
+    }
+    println!("\nmachine: {}", report["machine"]);
+    if let Some(v) = report["ray_version"].as_str() {
+        println!("ray {v}");
+    }
+    for note in report["notes"].as_array().into_iter().flatten() {
+        println!("note: {}", note.as_str().unwrap_or_default());
+    }
+}
