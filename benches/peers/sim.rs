@@ -22,11 +22,13 @@ pub(crate) struct Sim {
     host: Arc<Mutex<Option<std::process::Child>>>,
     nodes: Arc<Mutex<HashMap<String, (String, String)>>>,
     cache_dir: std::path::PathBuf,
+    /// Nodes stage concurrently: one copies, the others wait and find the file.
+    staging: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Sim {
     pub(crate) fn new(cache_dir: std::path::PathBuf) -> Self {
-        Self { host: Arc::default(), nodes: Arc::default(), cache_dir }
+        Self { host: Arc::default(), nodes: Arc::default(), cache_dir, staging: Arc::default() }
     }
 
     fn send(&self, line: &str) -> Result<(), ProviderError> {
@@ -158,6 +160,7 @@ impl Provider for Sim {
         Box::pin(async move {
             // Every sim node shares one cache: the executable is put there once.
             let target = self.cache_dir.join(hash_hex);
+            let _one_at_a_time = self.staging.lock().await;
             if !target.exists() {
                 let tmp = self.cache_dir.join(format!(".{hash_hex}.{}.partial", std::process::id()));
                 std::fs::copy(path, &tmp).map_err(|e| failed("stage_binary", e.to_string()))?;
