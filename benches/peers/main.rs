@@ -255,8 +255,9 @@ fn scale(sizes: Sizes) -> Value {
     }
 }
 
-fn proc_status_kib(pid: &str, field: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+/// A `field:  N kB` line of a /proc file (`status` of a process, `meminfo`), in KiB.
+fn proc_kib(file: &str, field: &str) -> f64 {
+    std::fs::read_to_string(file)
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
         .unwrap_or(f64::NAN)
@@ -266,18 +267,17 @@ fn proc_status_kib(pid: &str, field: &str) -> f64 {
 fn scale_main(sizes: Sizes) -> ! {
     raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    let cache = std::env::temp_dir().join(format!("skyward-sim-cache-{}", std::process::id()));
-    let sim = sim::Sim::new(cache.clone());
+    let sim = sim::Sim::new();
     let value = rt.block_on(async {
         let t = Instant::now();
         let pool = Compute::new(sim.clone()).nodes(sizes.scale_nodes).start().await.expect("pool of sim nodes");
         let ready = t.elapsed().as_secs_f64();
-        let rss_ready = proc_status_kib("self", "VmRSS:") / 1024.0;
+        let rss_ready = proc_kib("/proc/self/status", "VmRSS:") / 1024.0;
         let t = Instant::now();
         pool.gather((0..sizes.scale_tasks).map(|_| noop())).await.expect("gather");
         let rate = sizes.scale_tasks as f64 / t.elapsed().as_secs_f64();
-        let rss_peak = proc_status_kib("self", "VmHWM:") / 1024.0;
-        let host_rss = sim.host_pid().map_or(f64::NAN, |pid| proc_status_kib(&pid.to_string(), "VmRSS:") / 1024.0);
+        let rss_peak = proc_kib("/proc/self/status", "VmHWM:") / 1024.0;
+        let host_rss = sim.host_pid().map_or(f64::NAN, |pid| proc_kib(&format!("/proc/{pid}/status"), "VmRSS:") / 1024.0);
         pool.shutdown().await.expect("shutdown");
         scenario(
             "scale_1000_sim_nodes",
@@ -294,7 +294,6 @@ fn scale_main(sizes: Sizes) -> ! {
             )),
         )
     });
-    let _ = std::fs::remove_dir_all(&cache);
     println!("{value}");
     std::process::exit(0)
 }
@@ -489,17 +488,10 @@ fn machine() -> Value {
     json!({
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "cpu": cpu,
-        "memory_gib": (proc_status_kib_meminfo() / 1048576.0).round(),
+        "memory_gib": (proc_kib("/proc/meminfo", "MemTotal:") / 1048576.0).round(),
         "loadavg": load.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
     })
-}
-
-fn proc_status_kib_meminfo() -> f64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| s.lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
-        .unwrap_or(f64::NAN)
 }
 
 fn report(ours: &[Value], ray: &Result<Value, String>, quick: bool) -> Value {

@@ -21,14 +21,15 @@ const NAME: &str = "sim";
 pub(crate) struct Sim {
     host: Arc<Mutex<Option<std::process::Child>>>,
     nodes: Arc<Mutex<HashMap<String, (String, String)>>>,
+    /// Local's binary cache on this machine, shared by every sim node.
     cache_dir: std::path::PathBuf,
-    /// Nodes stage concurrently: one copies, the others wait and find the file.
-    staging: Arc<tokio::sync::Mutex<()>>,
+    local: skyward::Local,
 }
 
 impl Sim {
-    pub(crate) fn new(cache_dir: std::path::PathBuf) -> Self {
-        Self { host: Arc::default(), nodes: Arc::default(), cache_dir, staging: Arc::default() }
+    pub(crate) fn new() -> Self {
+        let cache_dir = skyward::providers::local::skyward_home().join("cache").join("bin");
+        Self { host: Arc::default(), nodes: Arc::default(), cache_dir, local: skyward::Local::default() }
     }
 
     fn send(&self, line: &str) -> Result<(), ProviderError> {
@@ -153,21 +154,13 @@ impl Provider for Sim {
 
     fn stage_binary<'a>(
         &'a self,
-        _pool: &'a PoolContext,
+        pool: &'a PoolContext,
         path: &'a std::path::Path,
         hash_hex: &'a str,
     ) -> BoxFuture<'a, Result<bool, ProviderError>> {
-        Box::pin(async move {
-            // Every sim node shares one cache: the executable is put there once.
-            let target = self.cache_dir.join(hash_hex);
-            let _one_at_a_time = self.staging.lock().await;
-            if !target.exists() {
-                let tmp = self.cache_dir.join(format!(".{hash_hex}.{}.partial", std::process::id()));
-                std::fs::copy(path, &tmp).map_err(|e| failed("stage_binary", e.to_string()))?;
-                std::fs::rename(&tmp, &target).map_err(|e| failed("stage_binary", e.to_string()))?;
-            }
-            Ok(true)
-        })
+        // The sim nodes use Local's shared cache (see `new`), so Local stages for them: once,
+        // atomically, whatever the number of nodes.
+        self.local.stage_binary(pool, path, hash_hex)
     }
 
     fn emergency_teardown(&self, _pool: &PoolContext) {
