@@ -7,7 +7,7 @@
 
 use criterion::Criterion;
 use skyward_proto::codec::{self, DEFAULT_MAX_FRAME, FrameDecoder};
-use skyward_proto::message::{BinaryHash, InstanceInfo, Outcome, TaskId, TaskKind, TaskSpec, ToCoordinator, ToWorker, WorkerFacts};
+use skyward_proto::message::{BinaryHash, Outcome, TaskId, TaskKind, TaskSpec, ToCoordinator, ToWorker, WorkerFacts};
 use skyward_proto::session::{CoordinatorSession, CoordinatorSessionConfig, NodeEvent, WorkerEvent, WorkerSession, WorkerSessionConfig};
 use std::hint::black_box;
 use std::time::Duration;
@@ -17,18 +17,12 @@ async fn noop() {}
 
 const POOL: &str = "sky-bench";
 
-/// A no-op task as the coordinator sends it to a node of a 2-node pool.
+/// A no-op task as the coordinator sends it on a lane of a 2-node pool (the node facts travel on
+/// each lane once per membership change, not with every task).
 fn spec(name: &str) -> TaskSpec {
     TaskSpec {
         kind: TaskKind::Function { name: name.into(), binary: BinaryHash([7; 32]), args: Vec::new(), streaming: false },
-        info: InstanceInfo {
-            rank: 0,
-            node_count: 2,
-            head_addr: "127.0.0.1".into(),
-            peers: vec!["127.0.0.1".into(), "127.0.0.1".into()],
-            pool_id: POOL.into(),
-            accelerators: Vec::new(),
-        },
+        info: None,
         initial_credit: 64,
     }
 }

@@ -59,6 +59,7 @@ pub(crate) fn trials() -> Vec<Trial> {
         Trial::test("failures::unknown_function_is_named", || block_on(unknown_function())),
         Trial::test("failures::binary_for_another_machine_is_refused_before_upload", || block_on(foreign_binary())),
         Trial::test("failures::lost_node_tasks_requeue_and_node_is_replaced", || block_on(lost_node())),
+        Trial::test("failures::tasks_see_the_membership_after_a_loss_and_a_replacement", || block_on(facts_follow_membership())),
         Trial::test("failures::a_worker_that_cannot_start_fails_the_start_quickly_with_its_log", || block_on(broken_worker())),
     ]
 }
@@ -235,4 +236,55 @@ async fn broken_worker() -> anyhow::Result<()> {
     anyhow::ensure!(text.contains("exited before connecting") && text.contains("permission denied"), "error was: {text}");
     anyhow::ensure!(started.elapsed() < Duration::from_secs(10), "took {:?} (start_timeout is 60 s)", started.elapsed());
     Ok(())
+}
+
+#[skyward::function]
+async fn facts() -> (u32, u32, usize) {
+    let info = skyward::instance_info();
+    (info.rank, info.node_count, info.peers.len())
+}
+
+/// Node facts travel on each lane once per membership change: tasks after a loss see the smaller
+/// pool, and tasks after the replacement joined see the full pool again, on every node.
+async fn facts_follow_membership() -> anyhow::Result<()> {
+    let pool = pool(3, 4).await?;
+    let id = pool.pool_id().to_string();
+    // Every lane of every node has carried the 3-node facts.
+    for _ in 0..4 {
+        let all = pool.broadcast(facts()).await?;
+        anyhow::ensure!(all == vec![(0, 3, 3), (1, 3, 3), (2, 3, 3)], "before the loss: {all:?}");
+    }
+    let victim = leftover(&id)[0];
+    // SAFETY: sending SIGKILL to a worker process this test started.
+    unsafe {
+        libc::kill(victim as i32, libc::SIGKILL);
+    }
+    // While the pool has two nodes (until the replacement joins), a task sees two. The task
+    // manager answers in order, so two ready nodes before and after the call mean the call was
+    // dispatched with two.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (mut saw_loss, mut degraded_checks) = (false, 0);
+    loop {
+        anyhow::ensure!(Instant::now() < deadline, "the lost node was not noticed and replaced in time (loss seen: {saw_loss})");
+        let before = pool.stats().await?.ready_nodes;
+        if before == 3 && saw_loss {
+            break;
+        }
+        if before == 2 {
+            saw_loss = true;
+            let seen = pool.run(facts()).await?;
+            if pool.stats().await?.ready_nodes == 2 {
+                anyhow::ensure!(seen.1 == 2 && seen.2 == 2, "a task during the loss saw {seen:?}");
+                degraded_checks += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eprintln!("facts checked {degraded_checks} times while the pool had two nodes");
+    for _ in 0..4 {
+        let all = pool.broadcast(facts()).await?;
+        anyhow::ensure!(all == vec![(0, 3, 3), (1, 3, 3), (2, 3, 3)], "after the replacement: {all:?}");
+    }
+    pool.shutdown().await?;
+    assert_no_workers(&id)
 }

@@ -27,7 +27,28 @@ pub enum CallEvent {
     Done(Result<Vec<u8>, RemoteError>),
 }
 
-type Waiters = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<CallEvent>>>>;
+/// Called once with a unary call's result, from the executor's reader task.
+pub type UnaryDone = Box<dyn FnOnce(Result<Vec<u8>, RemoteError>) + Send>;
+
+/// Who waits for a call: a channel of its events, or (unary calls started with
+/// [`Executors::unary_now`]) a function that takes the result where it is read.
+enum Waiter {
+    Events(mpsc::UnboundedSender<CallEvent>),
+    Done(UnaryDone),
+}
+
+impl Waiter {
+    fn finish(self, result: Result<Vec<u8>, RemoteError>) {
+        match self {
+            Waiter::Events(tx) => {
+                let _ = tx.send(CallEvent::Done(result));
+            }
+            Waiter::Done(done) => done(result),
+        }
+    }
+}
+
+type Waiters = Arc<Mutex<HashMap<u64, Waiter>>>;
 
 /// An actor operation's answer from the executor.
 pub type ActorAnswer = Result<Vec<u8>, skyward_proto::cluster::ClusterError>;
@@ -38,6 +59,8 @@ type ActorWaiters = Arc<Mutex<HashMap<u64, ActorDone>>>;
 
 struct Running {
     tx: UnixFrameWriter,
+    /// The node facts the last call carried; a call with the same facts sends none.
+    info_sent: Arc<Mutex<Option<Arc<InstanceInfo>>>>,
     waiters: Waiters,
     actor_waiters: ActorWaiters,
     alive: Arc<std::sync::atomic::AtomicBool>,
@@ -67,19 +90,83 @@ impl std::fmt::Debug for Executors {
 pub struct CallHandle {
     /// Events of the call.
     pub events: mpsc::UnboundedReceiver<CallEvent>,
-    id: u64,
-    tx: UnixFrameWriter,
+    /// Credit and cancellation.
+    pub control: Arc<CallControl>,
 }
 
-impl CallHandle {
+/// Credit and cancellation of a call in progress.
+pub struct CallControl {
+    id: u64,
+    tx: UnixFrameWriter,
+    waiters: Waiters,
+}
+
+impl std::fmt::Debug for CallControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallControl").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl CallControl {
     /// Forward stream credit.
     pub fn credit(&self, items: u32) {
         let _ = self.tx.send(&ToExecutor::Credit { id: self.id, items });
     }
 
-    /// Abort the call.
+    /// Abort the call. The executor sends nothing more for it, so its waiter goes now.
     pub fn cancel(&self) {
         let _ = self.tx.send(&ToExecutor::Cancel { id: self.id });
+        self.waiters.lock().expect("waiters").remove(&self.id);
+    }
+}
+
+/// A running executor's connection, taken out of the table to send one call.
+struct Caller {
+    tx: UnixFrameWriter,
+    waiters: Waiters,
+    info_sent: Arc<Mutex<Option<Arc<InstanceInfo>>>>,
+}
+
+impl Caller {
+    fn of(running: &Running) -> Self {
+        Caller { tx: running.tx.clone(), waiters: Arc::clone(&running.waiters), info_sent: Arc::clone(&running.info_sent) }
+    }
+
+    /// Register `waiter` and send the call; when the executor is gone, the call's parts come back.
+    #[allow(clippy::too_many_arguments, clippy::result_large_err)]
+    fn send(
+        self,
+        id: u64,
+        name: String,
+        args: Vec<u8>,
+        info: Arc<InstanceInfo>,
+        streaming: bool,
+        credit: u32,
+        waiter: Waiter,
+    ) -> Result<Arc<CallControl>, (String, Vec<u8>, Waiter)> {
+        self.waiters.lock().expect("waiters").insert(id, waiter);
+        let (message, sent) = {
+            // Compare and send under one lock: the executor applies `None` to the call before it.
+            let mut last = self.info_sent.lock().expect("info lock");
+            let same = last.as_ref().is_some_and(|l| Arc::ptr_eq(l, &info) || **l == *info);
+            let info = if same {
+                None
+            } else {
+                *last = Some(Arc::clone(&info));
+                Some(info)
+            };
+            let message = ToExecutor::Call { id, name, args, info, streaming, credit };
+            let sent = self.tx.send(&message);
+            (message, sent)
+        };
+        if sent.is_err() {
+            let waiter = self.waiters.lock().expect("waiters").remove(&id);
+            if let (ToExecutor::Call { name, args, .. }, Some(waiter)) = (message, waiter) {
+                return Err((name, args, waiter));
+            }
+            unreachable!("the waiter was registered above and only a reply or cancel removes it");
+        }
+        Ok(Arc::new(CallControl { id, tx: self.tx, waiters: self.waiters }))
     }
 }
 
@@ -131,28 +218,48 @@ impl Executors {
         hash: BinaryHash,
         name: String,
         args: Vec<u8>,
-        info: InstanceInfo,
+        info: Arc<InstanceInfo>,
         streaming: bool,
         credit: u32,
     ) -> Result<CallHandle, RemoteError> {
-        let (tx, waiters) = {
+        let caller = {
             let mut running = self.running.lock().await;
             let alive = running.get(&hash).is_some_and(|r| r.alive.load(Ordering::Acquire));
             if !alive {
                 let started = self.start(hash).await?;
                 running.insert(hash, started);
             }
-            let r = running.get(&hash).expect("just inserted");
-            (r.tx.clone(), Arc::clone(&r.waiters))
+            Caller::of(running.get(&hash).expect("just inserted"))
         };
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
         let (events_tx, events) = mpsc::unbounded_channel();
-        waiters.lock().expect("waiters").insert(id, events_tx);
-        if tx.send(&ToExecutor::Call { id, name, args, info, streaming, credit }).is_err() {
-            waiters.lock().expect("waiters").remove(&id);
-            return Err(RemoteError::new(RemoteErrorKind::ExecutorDied, "executor exited before the call could be sent"));
+        match caller.send(id, name, args, info, streaming, credit, Waiter::Events(events_tx)) {
+            Ok(control) => Ok(CallHandle { events, control }),
+            Err(_) => Err(RemoteError::new(RemoteErrorKind::ExecutorDied, "executor exited before the call could be sent")),
         }
-        Ok(CallHandle { events, id, tx })
+    }
+
+    /// Start a unary call right here, without a task of its own, when the executor of `hash` is
+    /// running and its table is free this instant: `done` gets the result on the executor's
+    /// reader task. The parts come back when the caller must take the slow path
+    /// ([`Executors::call`]: the executor is busy being started, or has just exited).
+    #[allow(clippy::result_large_err)]
+    pub fn unary_now(
+        &self,
+        hash: BinaryHash,
+        name: String,
+        args: Vec<u8>,
+        info: Arc<InstanceInfo>,
+        done: UnaryDone,
+    ) -> Result<Arc<CallControl>, (String, Vec<u8>, UnaryDone)> {
+        let caller =
+            self.running.try_lock().ok().and_then(|running| running.get(&hash).filter(|r| r.alive.load(Ordering::Acquire)).map(Caller::of));
+        let Some(caller) = caller else { return Err((name, args, done)) };
+        let id = self.next_call.fetch_add(1, Ordering::Relaxed);
+        caller.send(id, name, args, info, false, 0, Waiter::Done(done)).map_err(|(name, args, waiter)| match waiter {
+            Waiter::Done(done) => (name, args, done),
+            Waiter::Events(_) => unreachable!("registered as Done"),
+        })
     }
 
     /// Send an actor operation to the executor of `hash` (started if needed); `done` gets the
@@ -264,7 +371,7 @@ impl Executors {
                             tracing::debug!(pid, functions, "executor ready");
                         }
                         Ok(Some(FromExecutor::Item { id, payload })) => {
-                            if let Some(w) = reader_waiters.lock().expect("waiters").get(&id) {
+                            if let Some(Waiter::Events(w)) = reader_waiters.lock().expect("waiters").get(&id) {
                                 let _ = w.send(CallEvent::Item(payload));
                             }
                         }
@@ -276,8 +383,9 @@ impl Executors {
                             }
                         }
                         Ok(Some(FromExecutor::Done { id, result })) => {
-                            if let Some(w) = reader_waiters.lock().expect("waiters").remove(&id) {
-                                let _ = w.send(CallEvent::Done(result.map(|b| b.into_vec())));
+                            let waiter = reader_waiters.lock().expect("waiters").remove(&id);
+                            if let Some(waiter) = waiter {
+                                waiter.finish(result.map(|b| b.into_vec()));
                             }
                         }
                         Ok(None) => break,
@@ -304,14 +412,12 @@ impl Executors {
                     reason: format!("the executor hosting it {reason}"),
                 }));
             }
-            for (_, w) in reader_waiters.lock().expect("waiters").drain() {
-                let _ = w.send(CallEvent::Done(Err(RemoteError::new(
-                    RemoteErrorKind::ExecutorDied,
-                    format!("the executor running this task {reason}"),
-                ))));
+            let orphans: Vec<Waiter> = reader_waiters.lock().expect("waiters").drain().map(|(_, w)| w).collect();
+            for waiter in orphans {
+                waiter.finish(Err(RemoteError::new(RemoteErrorKind::ExecutorDied, format!("the executor running this task {reason}"))));
             }
         });
-        Ok(Running { tx, waiters, actor_waiters, alive })
+        Ok(Running { tx, info_sent: Arc::default(), waiters, actor_waiters, alive })
     }
 
     /// Stop every executor.

@@ -64,9 +64,10 @@ struct Core {
 }
 
 struct Runner {
-    abort: tokio::task::AbortHandle,
-    credit: Arc<Notify>,
-    call: Option<Arc<executor::CallHandle>>,
+    /// The task running it; none for a unary call started in place (see `start_unary_now`).
+    abort: Option<tokio::task::AbortHandle>,
+    credit: Option<Arc<Notify>>,
+    call: Option<Arc<executor::CallControl>>,
 }
 
 /// Why the worker stopped.
@@ -115,20 +116,59 @@ impl Worker {
     }
 
     /// Route every queued outgoing message and act on every queued event.
+    /// Acting on an event can queue messages (a cancelled task's outcome): they go out too.
     fn pump(self: &Arc<Self>, core: &mut Core) {
-        while let Some(message) = core.session.poll_transmit() {
-            let sink = message.task().and_then(|t| core.task_sinks.get(&t)).or(core.control.as_ref());
-            if let Some(sink) = sink {
-                let done = matches!(message, ToCoordinator::Done { .. });
-                let task = message.task();
-                sink.send(message);
-                if done && let Some(task) = task {
-                    core.task_sinks.remove(&task);
+        loop {
+            while let Some(message) = core.session.poll_transmit() {
+                let sink = message.task().and_then(|t| core.task_sinks.get(&t)).or(core.control.as_ref());
+                if let Some(sink) = sink {
+                    let done = matches!(message, ToCoordinator::Done { .. });
+                    let task = message.task();
+                    sink.send(message);
+                    if done && let Some(task) = task {
+                        core.task_sinks.remove(&task);
+                    }
                 }
             }
-        }
-        while let Some(event) = core.session.poll_event() {
+            let Some(event) = core.session.poll_event() else { break };
             self.act(core, event);
+        }
+    }
+
+    /// Start a unary function call in place when its executor is running: no task spawned, and
+    /// the executor's reader finishes it. Hands the spec back when the call needs the slow path
+    /// (commands, streams, inline calls, an executor to start).
+    fn start_unary_now(self: &Arc<Self>, core: &mut Core, task: TaskId, spec: Box<TaskSpec>) -> Result<(), Box<TaskSpec>> {
+        let (binary, info) = match (&spec.kind, &spec.info) {
+            (TaskKind::Function { binary, streaming: false, .. }, Some(info)) if self.inline.is_none() => (*binary, Arc::clone(info)),
+            _ => return Err(spec),
+        };
+        let TaskSpec { kind: TaskKind::Function { name, args, .. }, info: spec_info, initial_credit } = *spec else {
+            unreachable!("matched a function above")
+        };
+        let worker = Arc::clone(self);
+        let done: executor::UnaryDone = Box::new(move |result| {
+            let mut core = worker.core();
+            // Gone when the task was cancelled meanwhile (its outcome is already given).
+            if core.runners.remove(&task).is_some() {
+                let outcome = match result {
+                    Ok(bytes) => Outcome::Value(bytes),
+                    Err(e) => Outcome::Error(e),
+                };
+                core.session.finish(task, outcome);
+                worker.pump(&mut core);
+            }
+        });
+        match self.executors.unary_now(binary, name, args, info, done) {
+            Ok(control) => {
+                core.runners.insert(task, Runner { abort: None, credit: None, call: Some(control) });
+                Ok(())
+            }
+            Err((name, args, _)) => Err(Box::new(TaskSpec {
+                kind: TaskKind::Function { name, binary, args, streaming: false },
+                info: spec_info,
+                initial_credit,
+            })),
         }
     }
 
@@ -144,15 +184,18 @@ impl Worker {
     fn act(self: &Arc<Self>, core: &mut Core, event: WorkerEvent) {
         match event {
             WorkerEvent::Start { task, spec } => {
+                let Err(spec) = self.start_unary_now(core, task, spec) else { return };
                 let credit = Arc::new(Notify::new());
                 let worker = Arc::clone(self);
                 let credit_for_task = Arc::clone(&credit);
                 let handle = tokio::spawn(async move { worker.run_task(task, *spec, credit_for_task).await });
-                core.runners.insert(task, Runner { abort: handle.abort_handle(), credit, call: None });
+                core.runners.insert(task, Runner { abort: Some(handle.abort_handle()), credit: Some(credit), call: None });
             }
             WorkerEvent::Cancel { task } => {
                 if let Some(runner) = core.runners.remove(&task) {
-                    runner.abort.abort();
+                    if let Some(abort) = runner.abort {
+                        abort.abort();
+                    }
                     if let Some(call) = runner.call {
                         call.cancel();
                     }
@@ -160,8 +203,8 @@ impl Worker {
                 core.session.finish(task, Outcome::Cancelled);
             }
             WorkerEvent::CreditAvailable { task } => {
-                if let Some(runner) = core.runners.get(&task) {
-                    runner.credit.notify_one();
+                if let Some(credit) = core.runners.get(&task).and_then(|r| r.credit.as_ref()) {
+                    credit.notify_one();
                 }
             }
             WorkerEvent::Welcomed { rank } => tracing::info!(rank, "joined the pool"),
@@ -250,7 +293,7 @@ impl Worker {
         binary: BinaryHash,
         args: Vec<u8>,
         streaming: bool,
-        info: InstanceInfo,
+        info: Option<Arc<InstanceInfo>>,
         initial_credit: u32,
         credit: Arc<Notify>,
     ) -> Outcome {
@@ -263,20 +306,19 @@ impl Worker {
                 Err(e) => Outcome::Error(e),
             };
         }
+        let Some(info) = info else {
+            return Outcome::Error(RemoteError::new(RemoteErrorKind::Worker, "the task arrived without its node facts (coordinator bug)"));
+        };
         let call = match self.executors.call(binary, name, args, info, streaming, initial_credit).await {
             Ok(call) => call,
             Err(e) => return Outcome::Error(e),
         };
-        let (call_ref, mut events) = {
-            let mut call = call;
-            let events = std::mem::replace(&mut call.events, mpsc::unbounded_channel().1);
-            (Arc::new(call), events)
-        };
+        let executor::CallHandle { mut events, control: call_ref } = call;
         if let Some(runner) = self.core().runners.get_mut(&task) {
             runner.call = Some(Arc::clone(&call_ref));
         }
         // Dropping the handle without a result (task aborted) cancels the executor call.
-        struct CancelOnDrop(Arc<executor::CallHandle>, bool);
+        struct CancelOnDrop(Arc<executor::CallControl>, bool);
         impl Drop for CancelOnDrop {
             fn drop(&mut self) {
                 if !self.1 {
@@ -389,9 +431,11 @@ impl Worker {
             let (tx, rx) = mpsc::unbounded_channel::<ToCoordinator>();
             (Sink::Channel(tx), Some(tokio::spawn(write_loop(send, rx, true))))
         };
+        // The node facts of the last Submit that carried them on this stream (see TaskSpec::info).
+        let mut stream_info: Option<Arc<InstanceInfo>> = None;
         let mut next = Some(first);
         loop {
-            let message = match next.take() {
+            let mut message = match next.take() {
                 Some(m) => m,
                 None => match recv.next::<ToWorker>("ToWorker").await {
                     Ok(Some(m)) => m,
@@ -402,6 +446,12 @@ impl Worker {
                     }
                 },
             };
+            if let ToWorker::Submit { spec, .. } = &mut message {
+                match &spec.info {
+                    Some(info) => stream_info = Some(Arc::clone(info)),
+                    None => spec.info = stream_info.clone(),
+                }
+            }
             let route = match message {
                 ToWorker::Submit { task, .. } | ToWorker::Resume { task, .. } => Some(task),
                 ToWorker::OpenLane => continue,

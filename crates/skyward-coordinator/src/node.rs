@@ -71,12 +71,19 @@ pub(crate) struct NodeShared {
     node_actor: Mutex<Option<ActorRef<NodeMsg>>>,
     max_frame: usize,
     /// Long-lived streams that carry small unary tasks (see [`LANES`]); empty until opened.
-    lanes: Mutex<Vec<skyward_net::LaneWriter>>,
+    lanes: Mutex<Vec<Lane>>,
     next_lane: std::sync::atomic::AtomicUsize,
     /// Set once the worker has connected (stops the boot watcher).
     connected: std::sync::atomic::AtomicBool,
     /// Where answers to the coordinator's collection calls go.
     cluster: Arc<crate::cluster::ClusterShared>,
+}
+
+/// One lane and the membership epoch whose node facts it last carried (the worker reuses them for
+/// later tasks on the lane; see [`TaskSpec::info`]).
+struct Lane {
+    writer: skyward_net::LaneWriter,
+    info_epoch: Option<u64>,
 }
 
 /// Lanes per connection. Small unary tasks share these streams instead of opening one stream
@@ -115,7 +122,7 @@ async fn open_lanes(shared: Arc<NodeShared>, connection: quinn::Connection) {
                 }
             }
         });
-        senders.push(tx);
+        senders.push(Lane { writer: tx, info_epoch: None });
     }
     let current = shared.connection.lock().expect("connection lock").as_ref().map(quinn::Connection::stable_id);
     if current == Some(connection.stable_id()) {
@@ -144,7 +151,7 @@ impl NodeShared {
             let lanes = self.lanes.lock().expect("lanes lock");
             (!lanes.is_empty()).then(|| {
                 let i = key.map(|k| k as usize).unwrap_or_else(|| self.next_lane.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-                lanes[i % lanes.len()].clone()
+                lanes[i % lanes.len()].writer.clone()
             })
         };
         match lane {
@@ -235,25 +242,53 @@ impl std::fmt::Debug for NodeHandle {
 
 impl NodeHandle {
     /// Run `task` on this node: on a lane when it is a small unary call, else on a new
-    /// bidirectional stream that carries its submit and its replies.
-    pub(crate) fn dispatch(&self, task: TaskId, spec: TaskSpec, sinks: TaskSinks) {
+    /// bidirectional stream that carries its submit and its replies. `info` builds the node facts
+    /// of membership `epoch`; a lane that already carried them gets none (see [`TaskSpec::info`]).
+    pub(crate) fn dispatch(
+        &self,
+        task: TaskId,
+        kind: TaskKind,
+        initial_credit: u32,
+        sinks: TaskSinks,
+        epoch: u64,
+        info: &dyn Fn() -> InstanceInfo,
+    ) {
         let shared = Arc::clone(&self.shared);
         if sinks.items.is_some() || sinks.output.is_some() {
             shared.sinks.lock().expect("sinks lock").insert(task, sinks);
         }
-        let small = matches!(&spec.kind, TaskKind::Function { args, streaming: false, .. } if args.len() <= LANE_MAX_ARGS);
-        let submit = shared.session.lock().expect("session lock").submit(task, spec);
+        let small = matches!(&kind, TaskKind::Function { args, streaming: false, .. } if args.len() <= LANE_MAX_ARGS);
+        let mut spec = TaskSpec { kind, info: None, initial_credit };
         if small {
+            // The lane is marked as carrying this epoch's facts before the send: only the task
+            // manager dispatches, one task at a time, and a lane whose send fails is dead.
             let lane = {
-                let lanes = shared.lanes.lock().expect("lanes lock");
-                (!lanes.is_empty())
-                    .then(|| lanes[shared.next_lane.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % lanes.len()].clone())
+                let mut lanes = shared.lanes.lock().expect("lanes lock");
+                let count = lanes.len();
+                (count > 0).then(|| {
+                    let lane = &mut lanes[shared.next_lane.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % count];
+                    let fresh = lane.info_epoch != Some(epoch);
+                    lane.info_epoch = Some(epoch);
+                    (lane.writer.clone(), fresh)
+                })
             };
-            // A lane that closed with its connection falls back to a stream of the task's own.
-            if lane.is_some_and(|lane| lane.send(&submit).is_ok()) {
-                return;
+            if let Some((lane, fresh)) = lane {
+                if fresh {
+                    spec.info = Some(Arc::new(info()));
+                }
+                let submit = shared.session.lock().expect("session lock").submit(task, spec);
+                if lane.send(&submit).is_ok() {
+                    return;
+                }
+                // The lane closed with its connection: the task gets a stream of its own.
+                let ToWorker::Submit { spec: sent, .. } = submit else { unreachable!("submit() builds a Submit") };
+                spec = *sent;
             }
         }
+        if spec.info.is_none() {
+            spec.info = Some(Arc::new(info()));
+        }
+        let submit = shared.session.lock().expect("session lock").submit(task, spec);
         let Some(connection) = shared.connection.lock().expect("connection lock").clone() else {
             // No connection right now: the task stays in flight and is resumed or re-queued
             // when the worker reconnects or is declared lost.

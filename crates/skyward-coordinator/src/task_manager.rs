@@ -9,7 +9,7 @@
 use crate::node::{NodeHandle, TaskSinks};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use skyward_proto::error::TaskError;
-use skyward_proto::message::{InstanceInfo, Outcome, TaskId, TaskKind, TaskSpec};
+use skyward_proto::message::{InstanceInfo, Outcome, TaskId, TaskKind};
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -131,6 +131,8 @@ pub(crate) struct TmState {
     tasks: HashMap<TaskId, Entry>,
     max_retries: u32,
     pool_id: String,
+    /// Bumped whenever `order` changes: the node facts tasks get are rebuilt and sent again.
+    members_epoch: u64,
     stats: TaskStats,
     closed: bool,
 }
@@ -239,14 +241,14 @@ impl TmState {
     }
 
     fn dispatch(&mut self, task: TaskId, rank: u32) {
-        let info = self.info(rank);
         let slot = self.nodes.get_mut(&rank).expect("picked rank exists");
         let entry = self.tasks.get_mut(&task).expect("queued task exists");
         slot.busy += 1;
         entry.running_on = Some(rank);
         entry.attempts += 1;
-        let spec = TaskSpec { kind: entry.request.kind.clone(), info, initial_credit: entry.request.initial_credit };
-        slot.node.dispatch(task, spec, entry.request.sinks.clone());
+        let (kind, credit, sinks) = (entry.request.kind.clone(), entry.request.initial_credit, entry.request.sinks.clone());
+        let this = &*self;
+        this.nodes[&rank].node.dispatch(task, kind, credit, sinks, this.members_epoch, &|| this.info(rank));
     }
 
     /// Put a task whose node was lost back in line. The caller has already released its slot.
@@ -284,6 +286,7 @@ impl Actor for TaskManager {
             tasks: HashMap::new(),
             max_retries: args.max_retries,
             pool_id: args.pool_id,
+            members_epoch: 0,
             stats: TaskStats::default(),
             closed: false,
         })
@@ -351,12 +354,15 @@ impl Actor for TaskManager {
                     state.order.push(rank);
                     state.order.sort_unstable();
                 }
+                // A rank that comes back may have a new address.
+                state.members_epoch += 1;
                 state.stats.ready_nodes = state.nodes.len();
                 state.drain();
             }
             TmMsg::NodeLost { rank, in_flight } => {
                 state.nodes.remove(&rank);
                 state.order.retain(|r| *r != rank);
+                state.members_epoch += 1;
                 state.cursor = 0;
                 state.stats.ready_nodes = state.nodes.len();
                 let mut owned: Vec<TaskId> = state.tasks.iter().filter(|(_, e)| e.running_on == Some(rank)).map(|(t, _)| *t).collect();

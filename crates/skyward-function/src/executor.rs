@@ -11,6 +11,7 @@ use futures::{FutureExt, StreamExt};
 use skyward_proto::codec::{self, FrameDecoder};
 use skyward_proto::error::{RemoteError, RemoteErrorKind};
 use skyward_proto::exec::{FromExecutor, ToExecutor};
+use skyward_proto::message::InstanceInfo;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
@@ -111,11 +112,11 @@ impl crate::collections::Transport for ExecutorTransport {
     }
 
     fn rank(&self) -> Option<u32> {
-        context::try_instance_info().map(|i| i.rank)
+        context::current().map(|i| i.rank)
     }
 
     fn pool_id(&self) -> Option<String> {
-        context::try_instance_info().map(|i| i.pool_id)
+        context::current().map(|i| i.pool_id.clone())
     }
 }
 
@@ -134,6 +135,8 @@ pub async fn serve(path: &str) -> Result<(), ExecutorError> {
     let host = crate::actors::Host::default();
     let mut decoder = FrameDecoder::new(codec::DEFAULT_MAX_FRAME);
     let mut chunk = vec![0u8; 64 * 1024];
+    // The node facts of the last call that carried them (a call without facts has these).
+    let mut info = Arc::new(InstanceInfo::default());
     loop {
         let n = reader.read(&mut chunk).await?;
         if n == 0 {
@@ -157,7 +160,7 @@ pub async fn serve(path: &str) -> Result<(), ExecutorError> {
                 }
                 _ => {}
             }
-            handle(message, &tx, &calls);
+            handle(message, &tx, &calls, &mut info);
         }
     }
     TRANSPORT.lock().expect("transport lock").take();
@@ -169,9 +172,13 @@ pub async fn serve(path: &str) -> Result<(), ExecutorError> {
     Ok(())
 }
 
-fn handle(message: ToExecutor, tx: &skyward_net::UnixFrameWriter, calls: &Calls) {
+fn handle(message: ToExecutor, tx: &skyward_net::UnixFrameWriter, calls: &Calls, last_info: &mut Arc<InstanceInfo>) {
     match message {
         ToExecutor::Call { id, name, args, info, streaming, credit } => {
+            if let Some(info) = info {
+                *last_info = info;
+            }
+            let info = Arc::clone(last_info);
             let tx = tx.clone();
             let Some(entry) = lookup(&name) else {
                 let mut names = crate::registered_names();
@@ -186,7 +193,6 @@ fn handle(message: ToExecutor, tx: &skyward_net::UnixFrameWriter, calls: &Calls)
                 let _ = tx.send(&FromExecutor::Done { id, result: Err::<serde_bytes::ByteBuf, _>(err) });
                 return;
             };
-            let info = Arc::new(info);
             let semaphore = streaming.then(|| Arc::new(Semaphore::new(credit as usize)));
             let calls_for_task = Arc::clone(calls);
             let invoke = entry.invoke;

@@ -39,13 +39,29 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
-fn transport_config(idle_timeout: Duration, tunnel: bool) -> quinn::TransportConfig {
+/// How many streams the other end of a connection may have open at once. quinn keeps state for
+/// every one of them up front (about 150 bytes each), so the limits follow who opens streams:
+/// the coordinator opens a worker's lanes, task streams and uploads; a worker opens only its
+/// control stream towards the coordinator and one stream per cluster link towards a peer.
+#[derive(Debug, Clone, Copy)]
+struct StreamLimits {
+    bidi: u32,
+    uni: u32,
+}
+
+/// What a server accepts: workers' control streams (coordinator) and peers' links (worker).
+/// 100,000 cost 15 MB per connection; 1,000 simulated nodes ran out of memory.
+const SERVER_ACCEPTS: StreamLimits = StreamLimits { bidi: 64, uni: 16 };
+
+/// What a worker accepts from the coordinator it dials: lanes carry the small tasks, so this
+/// bounds concurrent large tasks (big arguments, streams, commands) per node; past it they wait
+/// for stream credit.
+const WORKER_ACCEPTS: StreamLimits = StreamLimits { bidi: 1_024, uni: 64 };
+
+fn transport_config(idle_timeout: Duration, tunnel: bool, accepts: StreamLimits) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
-    // quinn keeps state for every stream the peer may open, up front: 100,000 cost about 15 MB
-    // per connection (1,000 simulated nodes ran out of memory). Tasks past this many open
-    // streams wait for stream credit; lanes carry the small ones anyway.
-    transport.max_concurrent_bidi_streams(4_096u32.into());
-    transport.max_concurrent_uni_streams(1_000u32.into());
+    transport.max_concurrent_bidi_streams(accepts.bidi.into());
+    transport.max_concurrent_uni_streams(accepts.uni.into());
     transport.stream_receive_window((16u32 * 1024 * 1024).into());
     transport.receive_window((256u32 * 1024 * 1024).into());
     transport.send_window(256 * 1024 * 1024);
@@ -65,7 +81,7 @@ fn server_config(ca_cert_pem: &str, server: &CertBundle, idle_timeout: Duration,
     let tls = tls::server_tls(ca_cert_pem, server)?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(idle_timeout, tunnel)));
+    config.transport_config(Arc::new(transport_config(idle_timeout, tunnel, SERVER_ACCEPTS)));
     Ok(config)
 }
 
@@ -74,7 +90,7 @@ fn client_config(ca_cert_pem: &str, client: &CertBundle, idle_timeout: Duration,
     let tls = tls::client_tls(ca_cert_pem, client)?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(idle_timeout, tunnel)));
+    config.transport_config(Arc::new(transport_config(idle_timeout, tunnel, WORKER_ACCEPTS)));
     Ok(config)
 }
 

@@ -4,6 +4,7 @@
 use crate::error::RemoteError;
 use crate::message::InstanceInfo;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Worker to executor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,8 +18,10 @@ pub enum ToExecutor {
         /// Encoded arguments.
         #[serde(with = "serde_bytes")]
         args: Vec<u8>,
-        /// Node facts for the task context.
-        info: InstanceInfo,
+        /// Node facts for the task context; `None`: the same as the last call on this connection
+        /// that carried them (the worker sends them again only when they change).
+        #[serde(with = "crate::message::shared_info")]
+        info: Option<Arc<InstanceInfo>>,
         /// Whether the function yields a stream.
         streaming: bool,
         /// Stream items the executor may send before waiting for credit.

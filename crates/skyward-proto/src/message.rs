@@ -7,7 +7,26 @@
 use crate::error::RemoteError;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
+
+/// serde for `Option<Arc<InstanceInfo>>` (the `rc` feature of serde would rebuild every crate
+/// that uses serde): the facts themselves, shared once decoded.
+pub mod shared_info {
+    use super::InstanceInfo;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::sync::Arc;
+
+    /// Encode the facts, or none.
+    pub fn serialize<S: Serializer>(info: &Option<Arc<InstanceInfo>>, s: S) -> Result<S::Ok, S::Error> {
+        info.as_deref().serialize(s)
+    }
+
+    /// Decode the facts into a fresh `Arc`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Arc<InstanceInfo>>, D::Error> {
+        Option::<InstanceInfo>::deserialize(d).map(|info| info.map(Arc::new))
+    }
+}
 
 /// Identifier of one task in one pool, unique for the pool's lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -90,8 +109,11 @@ pub struct CommandSpec {
 pub struct TaskSpec {
     /// What to run.
     pub kind: TaskKind,
-    /// Node facts for `instance_info()`.
-    pub info: InstanceInfo,
+    /// Node facts for `instance_info()`. `None` only on a lane: the facts of the last `Submit` on
+    /// the same lane that carried them. The coordinator sends them on each lane once per
+    /// membership change, so a task's frame does not grow with the pool (1,000 peer addresses).
+    #[serde(with = "shared_info")]
+    pub info: Option<Arc<InstanceInfo>>,
     /// Initial stream credit (items the worker may send before waiting for more).
     pub initial_credit: u32,
 }

@@ -687,7 +687,7 @@ mod tests {
         let mut session = CoordinatorSession::new(config, Duration::ZERO);
         let spec = TaskSpec {
             kind: TaskKind::Command(CommandSpec { argv: vec!["true".into()], env: Default::default(), cwd: None, timeout: None }),
-            info: InstanceInfo::default(),
+            info: None,
             initial_credit: 0,
         };
         let _ = session.submit(TaskId(1), spec);

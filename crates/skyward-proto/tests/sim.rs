@@ -209,7 +209,7 @@ fn spec_for(plan: &TaskPlan, window: u32) -> TaskSpec {
     let args = codec::to_bytes(&(plan.work.as_micros() as u64, plan.items)).expect("args encode");
     TaskSpec {
         kind: TaskKind::Function { name: "sim::task".into(), binary: BinaryHash([7; 32]), args, streaming: plan.items > 0 },
-        info: InstanceInfo { pool_id: POOL.into(), ..InstanceInfo::default() },
+        info: Some(std::sync::Arc::new(InstanceInfo { pool_id: POOL.into(), ..InstanceInfo::default() })),
         initial_credit: window,
     }
 }
