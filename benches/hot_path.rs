@@ -17,11 +17,12 @@ async fn noop() {}
 
 const POOL: &str = "sky-bench";
 
-/// A no-op task as the coordinator sends it on a lane of a 2-node pool (the node facts travel on
-/// each lane once per membership change, not with every task).
+/// A no-op task as the coordinator sends it on a lane of a 2-node pool (membership changes travel
+/// with the next task on each lane, not with every task).
 fn spec(name: &str) -> TaskSpec {
     TaskSpec {
         kind: TaskKind::Function { name: name.into(), binary: BinaryHash([7; 32]), args: Vec::new(), streaming: false },
+        members: None,
         info: None,
         initial_credit: 64,
     }

@@ -274,7 +274,31 @@ fn scale_main(sizes: Sizes) -> ! {
         let ready = t.elapsed().as_secs_f64();
         let rss_ready = proc_kib("/proc/self/status", "VmRSS:") / 1024.0;
         let t = Instant::now();
-        pool.gather((0..sizes.scale_tasks).map(|_| noop())).await.expect("gather");
+        // Progress once a second: a run that goes wrong (nodes lost under load) shows how.
+        let gathered = {
+            let gather = pool.gather((0..sizes.scale_tasks).map(|_| noop()));
+            tokio::pin!(gather);
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    result = &mut gather => break result,
+                    _ = tick.tick() => if let Ok(s) = pool.stats().await {
+                        eprintln!(
+                            "scale: {:>5.1} s: {} ready, {} running, {} queued, {} finished, {} re-queued; coordinator RSS {:.0} MB",
+                            t.elapsed().as_secs_f64(),
+                            s.ready_nodes,
+                            s.running,
+                            s.queued,
+                            s.finished,
+                            s.requeued,
+                            proc_kib("/proc/self/status", "VmRSS:") / 1024.0
+                        );
+                    },
+                }
+            }
+        };
+        gathered.expect("gather");
         let rate = sizes.scale_tasks as f64 / t.elapsed().as_secs_f64();
         let rss_peak = proc_kib("/proc/self/status", "VmHWM:") / 1024.0;
         let host_rss = sim.host_pid().map_or(f64::NAN, |pid| proc_kib(&format!("/proc/{pid}/status"), "VmRSS:") / 1024.0);

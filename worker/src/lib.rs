@@ -25,6 +25,7 @@ use skyward_net::FramedRecv;
 use skyward_proto::Time;
 use skyward_proto::codec;
 use skyward_proto::error::{RemoteError, RemoteErrorKind};
+use skyward_proto::members::Members;
 use skyward_proto::message::*;
 use skyward_proto::session::{SendItemError, WorkerEvent, WorkerSession, WorkerSessionConfig};
 use std::collections::HashMap;
@@ -93,6 +94,10 @@ pub type InlineCalls =
 struct Worker {
     config: WorkerConfig,
     inline: Option<InlineCalls>,
+    /// Accelerators detected at start (part of every task's node facts).
+    accelerators: Vec<String>,
+    /// The node facts of the latest membership epoch, shared by the tasks of every stream at it.
+    node_facts: Mutex<Option<(u64, Arc<InstanceInfo>)>>,
     epoch: Instant,
     core: Mutex<Core>,
     executors: Executors,
@@ -143,7 +148,7 @@ impl Worker {
             (TaskKind::Function { binary, streaming: false, .. }, Some(info)) if self.inline.is_none() => (*binary, Arc::clone(info)),
             _ => return Err(spec),
         };
-        let TaskSpec { kind: TaskKind::Function { name, args, .. }, info: spec_info, initial_credit } = *spec else {
+        let TaskSpec { kind: TaskKind::Function { name, args, .. }, info: spec_info, initial_credit, .. } = *spec else {
             unreachable!("matched a function above")
         };
         let worker = Arc::clone(self);
@@ -166,6 +171,7 @@ impl Worker {
             }
             Err((name, args, _)) => Err(Box::new(TaskSpec {
                 kind: TaskKind::Function { name, binary, args, streaming: false },
+                members: None,
                 info: spec_info,
                 initial_credit,
             })),
@@ -412,6 +418,28 @@ impl Worker {
         result
     }
 
+    /// The node facts tasks see at membership `members`, built once per epoch for all streams.
+    fn node_facts(&self, members: &Members) -> Arc<InstanceInfo> {
+        let mut cached = self.node_facts.lock().expect("node facts lock");
+        if let Some((epoch, facts)) = cached.as_ref()
+            && *epoch == members.epoch
+            && facts.rank == members.rank
+        {
+            return Arc::clone(facts);
+        }
+        let peers = members.peers();
+        let facts = Arc::new(InstanceInfo {
+            rank: members.rank,
+            node_count: peers.len() as u32,
+            head_addr: peers.first().cloned().unwrap_or_default(),
+            peers,
+            pool_id: self.config.pool_id.clone(),
+            accelerators: self.accelerators.clone(),
+        });
+        *cached = Some((members.epoch, Arc::clone(&facts)));
+        facts
+    }
+
     /// Serve a stream the coordinator opened: either one task (its `Submit`, then the peer
     /// finishes) or a lane (`OpenLane`, then many `Submit`s). Replies for each task go back on the
     /// stream its `Submit` arrived on; a task stream is finished after `Done`, a lane never is.
@@ -431,8 +459,8 @@ impl Worker {
             let (tx, rx) = mpsc::unbounded_channel::<ToCoordinator>();
             (Sink::Channel(tx), Some(tokio::spawn(write_loop(send, rx, true))))
         };
-        // The node facts of the last Submit that carried them on this stream (see TaskSpec::info).
-        let mut stream_info: Option<Arc<InstanceInfo>> = None;
+        // The membership as this stream's Submits built it (see skyward_proto::members).
+        let mut members: Option<Members> = None;
         let mut next = Some(first);
         loop {
             let mut message = match next.take() {
@@ -446,11 +474,16 @@ impl Worker {
                     }
                 },
             };
-            if let ToWorker::Submit { spec, .. } = &mut message {
-                match &spec.info {
-                    Some(info) => stream_info = Some(Arc::clone(info)),
-                    None => spec.info = stream_info.clone(),
+            if let ToWorker::Submit { task, spec } = &mut message {
+                if let Some(update) = spec.members.take()
+                    && let Err(e) = Members::apply(&mut members, update)
+                {
+                    // Not expected: the coordinator tracks what each stream holds. The task fails
+                    // for want of facts rather than see the wrong ones.
+                    tracing::warn!(%task, error = %e, "membership update out of order");
+                    members = None;
                 }
+                spec.info = members.as_ref().map(|m| self.node_facts(m));
             }
             let route = match message {
                 ToWorker::Submit { task, .. } | ToWorker::Resume { task, .. } => Some(task),
@@ -747,6 +780,8 @@ pub async fn run_with(config: WorkerConfig, inline: Option<InlineCalls>) -> anyh
     std::fs::create_dir_all(&config.cache_dir)?;
     std::fs::create_dir_all(&config.state_dir)?;
     let epoch = Instant::now();
+    let facts = facts(&config);
+    let accelerators = facts.accelerators.clone();
     let session = WorkerSession::new(
         WorkerSessionConfig {
             pool_id: config.pool_id.clone(),
@@ -755,7 +790,7 @@ pub async fn run_with(config: WorkerConfig, inline: Option<InlineCalls>) -> anyh
             cache_entries: 100_000,
             cache_bytes: 512 * 1024 * 1024,
         },
-        facts(&config),
+        facts,
         Duration::ZERO,
     );
     let (endpoint, tunnel) = match &config.standalone_socket {
@@ -802,6 +837,8 @@ pub async fn run_with(config: WorkerConfig, inline: Option<InlineCalls>) -> anyh
         executors: Executors::new(config.cache_dir.clone(), config.state_dir.clone(), hook),
         cluster,
         inline,
+        accelerators,
+        node_facts: Mutex::new(None),
         actors: Mutex::new(HashMap::new()),
         next_actor: std::sync::atomic::AtomicU64::new(1),
         config,

@@ -120,8 +120,9 @@ impl ClusterShared {
         state.view.epoch += 1;
         state.view.members =
             state.nodes.iter().map(|(rank, n)| Member { rank: *rank, node_id: n.node_id.clone(), addr: n.addr.clone() }).collect();
+        let view = Arc::new(state.view.clone());
         for node in state.nodes.values() {
-            node.shared.send_control([ToWorker::ClusterView(state.view.clone())]);
+            node.shared.send_control([ToWorker::ClusterView(Arc::clone(&view))]);
         }
         self.epoch.send_replace(state.view.epoch);
     }
@@ -168,7 +169,7 @@ impl ClusterShared {
             && state.view.epoch > 0
             && let Some(node) = state.nodes.get(&rank).filter(|n| n.node_id == node_id)
         {
-            node.shared.send_control([ToWorker::ClusterView(state.view.clone())]);
+            node.shared.send_control([ToWorker::ClusterView(Arc::new(state.view.clone()))]);
         }
     }
 

@@ -452,7 +452,7 @@ impl Compute {
             tunnel,
         });
         let acceptor = tokio::spawn(pool::accept_loop(endpoint.clone(), Arc::clone(&shared)));
-        let (tm, _) = Actor::spawn(None, TaskManager, TmArgs { max_retries: self.options.max_retries, pool_id: pool_id.clone() })
+        let (tm, _) = Actor::spawn(None, TaskManager, TmArgs { max_retries: self.options.max_retries })
             .await
             .map_err(|e| StartError::Actor(e.to_string()))?;
         let pool = Pool::new(Arc::clone(&shared), tm.clone(), endpoint, acceptor, attempts);

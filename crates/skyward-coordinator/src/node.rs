@@ -16,6 +16,7 @@ use crate::task_manager::TmMsg;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use skyward_net::{FramedRecv, write_frames};
 use skyward_proto::Time;
+use skyward_proto::members::MembersUpdate;
 use skyward_proto::message::*;
 use skyward_proto::session::{CoordinatorSession, NodeEvent};
 use std::collections::HashMap;
@@ -79,11 +80,10 @@ pub(crate) struct NodeShared {
     cluster: Arc<crate::cluster::ClusterShared>,
 }
 
-/// One lane and the membership epoch whose node facts it last carried (the worker reuses them for
-/// later tasks on the lane; see [`TaskSpec::info`]).
+/// One lane and the membership epoch it last carried (its next task carries the changes since).
 struct Lane {
     writer: skyward_net::LaneWriter,
-    info_epoch: Option<u64>,
+    members_epoch: Option<u64>,
 }
 
 /// Lanes per connection. Small unary tasks share these streams instead of opening one stream
@@ -122,7 +122,7 @@ async fn open_lanes(shared: Arc<NodeShared>, connection: quinn::Connection) {
                 }
             }
         });
-        senders.push(Lane { writer: tx, info_epoch: None });
+        senders.push(Lane { writer: tx, members_epoch: None });
     }
     let current = shared.connection.lock().expect("connection lock").as_ref().map(quinn::Connection::stable_id);
     if current == Some(connection.stable_id()) {
@@ -230,7 +230,6 @@ pub(crate) struct NodeHandle {
     pub(crate) rank: u32,
     pub(crate) slots: u32,
     pub(crate) address: String,
-    pub(crate) accelerators: Vec<String>,
     shared: Arc<NodeShared>,
 }
 
@@ -242,8 +241,9 @@ impl std::fmt::Debug for NodeHandle {
 
 impl NodeHandle {
     /// Run `task` on this node: on a lane when it is a small unary call, else on a new
-    /// bidirectional stream that carries its submit and its replies. `info` builds the node facts
-    /// of membership `epoch`; a lane that already carried them gets none (see [`TaskSpec::info`]).
+    /// bidirectional stream that carries its submit and its replies. `members(since)` gives the
+    /// membership changes a stream at epoch `since` needs to reach `epoch` (see
+    /// `skyward_proto::members`): a lane gets what changed since its last task, a new stream all.
     pub(crate) fn dispatch(
         &self,
         task: TaskId,
@@ -251,31 +251,28 @@ impl NodeHandle {
         initial_credit: u32,
         sinks: TaskSinks,
         epoch: u64,
-        info: &dyn Fn() -> InstanceInfo,
+        members: &dyn Fn(Option<u64>) -> Option<MembersUpdate>,
     ) {
         let shared = Arc::clone(&self.shared);
         if sinks.items.is_some() || sinks.output.is_some() {
             shared.sinks.lock().expect("sinks lock").insert(task, sinks);
         }
         let small = matches!(&kind, TaskKind::Function { args, streaming: false, .. } if args.len() <= LANE_MAX_ARGS);
-        let mut spec = TaskSpec { kind, info: None, initial_credit };
+        let mut spec = TaskSpec { kind, members: None, info: None, initial_credit };
         if small {
-            // The lane is marked as carrying this epoch's facts before the send: only the task
-            // manager dispatches, one task at a time, and a lane whose send fails is dead.
+            // The lane is marked as holding `epoch` before the send: only the task manager
+            // dispatches, one task at a time, and a lane whose send fails is dead.
             let lane = {
                 let mut lanes = shared.lanes.lock().expect("lanes lock");
                 let count = lanes.len();
                 (count > 0).then(|| {
                     let lane = &mut lanes[shared.next_lane.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % count];
-                    let fresh = lane.info_epoch != Some(epoch);
-                    lane.info_epoch = Some(epoch);
-                    (lane.writer.clone(), fresh)
+                    let since = lane.members_epoch.replace(epoch);
+                    (lane.writer.clone(), since)
                 })
             };
-            if let Some((lane, fresh)) = lane {
-                if fresh {
-                    spec.info = Some(Arc::new(info()));
-                }
+            if let Some((lane, since)) = lane {
+                spec.members = members(since);
                 let submit = shared.session.lock().expect("session lock").submit(task, spec);
                 if lane.send(&submit).is_ok() {
                     return;
@@ -285,9 +282,7 @@ impl NodeHandle {
                 spec = *sent;
             }
         }
-        if spec.info.is_none() {
-            spec.info = Some(Arc::new(info()));
-        }
+        spec.members = members(None);
         let submit = shared.session.lock().expect("session lock").submit(task, spec);
         let Some(connection) = shared.connection.lock().expect("connection lock").clone() else {
             // No connection right now: the task stays in flight and is resumed or re-queued
@@ -731,7 +726,6 @@ impl Actor for Node {
                         rank: shared.rank,
                         slots: facts.concurrency,
                         address: state.address.clone(),
-                        accelerators: facts.accelerators.clone(),
                         shared: Arc::clone(&shared),
                     };
                     shared.cluster.node_ready(shared.rank, shared.node_id.clone(), state.cluster_addr.clone(), Arc::clone(&shared));

@@ -9,7 +9,8 @@
 use crate::node::{NodeHandle, TaskSinks};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use skyward_proto::error::TaskError;
-use skyward_proto::message::{InstanceInfo, Outcome, TaskId, TaskKind};
+use skyward_proto::members::MembersLog;
+use skyward_proto::message::{Outcome, TaskId, TaskKind};
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -117,7 +118,6 @@ pub(crate) struct TaskManager;
 
 pub(crate) struct TmArgs {
     pub(crate) max_retries: u32,
-    pub(crate) pool_id: String,
 }
 
 pub(crate) struct TmState {
@@ -130,26 +130,14 @@ pub(crate) struct TmState {
     pinned: HashMap<u32, VecDeque<TaskId>>,
     tasks: HashMap<TaskId, Entry>,
     max_retries: u32,
-    pool_id: String,
-    /// Bumped whenever `order` changes: the node facts tasks get are rebuilt and sent again.
-    members_epoch: u64,
+    /// Ready nodes' addresses by rank, numbered by epoch, with recent changes: streams get what
+    /// changed since the task before (see `skyward_proto::members`).
+    members: MembersLog,
     stats: TaskStats,
     closed: bool,
 }
 
 impl TmState {
-    fn info(&self, rank: u32) -> InstanceInfo {
-        let peers: Vec<String> = self.order.iter().map(|r| self.nodes[r].node.address.clone()).collect();
-        InstanceInfo {
-            rank,
-            node_count: self.order.len() as u32,
-            head_addr: self.order.first().map(|r| self.nodes[r].node.address.clone()).unwrap_or_default(),
-            peers,
-            pool_id: self.pool_id.clone(),
-            accelerators: self.nodes.get(&rank).map(|s| s.node.accelerators.clone()).unwrap_or_default(),
-        }
-    }
-
     fn pick(&mut self, placement: Placement) -> Option<u32> {
         match placement {
             Placement::Rank(r) => self.nodes.get(&r).filter(|s| s.busy < s.capacity).map(|_| r),
@@ -247,8 +235,8 @@ impl TmState {
         entry.running_on = Some(rank);
         entry.attempts += 1;
         let (kind, credit, sinks) = (entry.request.kind.clone(), entry.request.initial_credit, entry.request.sinks.clone());
-        let this = &*self;
-        this.nodes[&rank].node.dispatch(task, kind, credit, sinks, this.members_epoch, &|| this.info(rank));
+        let members = &self.members;
+        self.nodes[&rank].node.dispatch(task, kind, credit, sinks, members.epoch(), &|since| members.update_for(rank, since));
     }
 
     /// Put a task whose node was lost back in line. The caller has already released its slot.
@@ -285,8 +273,7 @@ impl Actor for TaskManager {
             pinned: HashMap::new(),
             tasks: HashMap::new(),
             max_retries: args.max_retries,
-            pool_id: args.pool_id,
-            members_epoch: 0,
+            members: MembersLog::default(),
             stats: TaskStats::default(),
             closed: false,
         })
@@ -355,14 +342,15 @@ impl Actor for TaskManager {
                     state.order.sort_unstable();
                 }
                 // A rank that comes back may have a new address.
-                state.members_epoch += 1;
+                let address = state.nodes[&rank].node.address.clone();
+                state.members.set(rank, address);
                 state.stats.ready_nodes = state.nodes.len();
                 state.drain();
             }
             TmMsg::NodeLost { rank, in_flight } => {
                 state.nodes.remove(&rank);
                 state.order.retain(|r| *r != rank);
-                state.members_epoch += 1;
+                state.members.remove(rank);
                 state.cursor = 0;
                 state.stats.ready_nodes = state.nodes.len();
                 let mut owned: Vec<TaskId> = state.tasks.iter().filter(|(_, e)| e.running_on == Some(rank)).map(|(t, _)| *t).collect();

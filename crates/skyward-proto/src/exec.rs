@@ -20,7 +20,7 @@ pub enum ToExecutor {
         args: Vec<u8>,
         /// Node facts for the task context; `None`: the same as the last call on this connection
         /// that carried them (the worker sends them again only when they change).
-        #[serde(with = "crate::message::shared_info")]
+        #[serde(with = "crate::message::shared_opt")]
         info: Option<Arc<InstanceInfo>>,
         /// Whether the function yields a stream.
         streaming: bool,

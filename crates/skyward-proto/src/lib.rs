@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod codec;
 pub mod error;
 pub mod exec;
+pub mod members;
 pub mod message;
 pub mod session;
 

@@ -10,21 +10,36 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// serde for `Option<Arc<InstanceInfo>>` (the `rc` feature of serde would rebuild every crate
-/// that uses serde): the facts themselves, shared once decoded.
-pub mod shared_info {
-    use super::InstanceInfo;
+/// serde for a value shared behind an `Arc` (the `rc` feature of serde would rebuild every crate
+/// that uses serde): the value itself on the wire, a fresh `Arc` once decoded.
+pub mod shared {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
     use std::sync::Arc;
 
-    /// Encode the facts, or none.
-    pub fn serialize<S: Serializer>(info: &Option<Arc<InstanceInfo>>, s: S) -> Result<S::Ok, S::Error> {
-        info.as_deref().serialize(s)
+    /// Encode the shared value.
+    pub fn serialize<T: Serialize, S: Serializer>(value: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {
+        (**value).serialize(s)
     }
 
-    /// Decode the facts into a fresh `Arc`.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Arc<InstanceInfo>>, D::Error> {
-        Option::<InstanceInfo>::deserialize(d).map(|info| info.map(Arc::new))
+    /// Decode into a fresh `Arc`.
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Arc<T>, D::Error> {
+        T::deserialize(d).map(Arc::new)
+    }
+}
+
+/// [`shared`] for an optional value.
+pub mod shared_opt {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::sync::Arc;
+
+    /// Encode the shared value, or none.
+    pub fn serialize<T: Serialize, S: Serializer>(value: &Option<Arc<T>>, s: S) -> Result<S::Ok, S::Error> {
+        value.as_deref().serialize(s)
+    }
+
+    /// Decode into a fresh `Arc`, or none.
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<Arc<T>>, D::Error> {
+        Option::<T>::deserialize(d).map(|value| value.map(Arc::new))
     }
 }
 
@@ -109,10 +124,12 @@ pub struct CommandSpec {
 pub struct TaskSpec {
     /// What to run.
     pub kind: TaskKind,
-    /// Node facts for `instance_info()`. `None` only on a lane: the facts of the last `Submit` on
-    /// the same lane that carried them. The coordinator sends them on each lane once per
-    /// membership change, so a task's frame does not grow with the pool (1,000 peer addresses).
-    #[serde(with = "shared_info")]
+    /// Membership changes since the last task on the same stream (a full snapshot on a new
+    /// stream); `None` when the stream is current. See [`crate::members`].
+    pub members: Option<crate::members::MembersUpdate>,
+    /// Node facts for `instance_info()`: not on the wire; the worker builds them from the
+    /// stream's membership.
+    #[serde(skip)]
     pub info: Option<Arc<InstanceInfo>>,
     /// Initial stream credit (items the worker may send before waiting for more).
     pub initial_credit: u32,
@@ -251,8 +268,9 @@ pub enum ToWorker {
     OpenLane,
     /// The worker should stop serving and exit.
     Shutdown,
-    /// Cluster mode: the current membership and placement of the worker cluster.
-    ClusterView(crate::cluster::ClusterView),
+    /// Cluster mode: the current membership and placement of the worker cluster. Shared: the
+    /// coordinator queues one copy per change for all nodes, not one per node.
+    ClusterView(#[serde(with = "shared")] Arc<crate::cluster::ClusterView>),
     /// Run a collection operation on this node (the coordinator's own calls, e.g. `pool.dict()`).
     ClusterRequest {
         /// Request id, unique per connection.

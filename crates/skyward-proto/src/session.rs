@@ -90,7 +90,7 @@ pub enum WorkerEvent {
         silent_for: Duration,
     },
     /// New membership and placement of the worker cluster.
-    ClusterView(crate::cluster::ClusterView),
+    ClusterView(std::sync::Arc<crate::cluster::ClusterView>),
     /// The coordinator asks for a collection operation.
     ClusterRequest {
         /// Request id.
@@ -687,6 +687,7 @@ mod tests {
         let mut session = CoordinatorSession::new(config, Duration::ZERO);
         let spec = TaskSpec {
             kind: TaskKind::Command(CommandSpec { argv: vec!["true".into()], env: Default::default(), cwd: None, timeout: None }),
+            members: None,
             info: None,
             initial_credit: 0,
         };

@@ -19,12 +19,12 @@
 //! tasks of a lost node to other nodes).
 
 use skyward_proto::codec::{self, FrameDecoder};
+use skyward_proto::members::MembersUpdate;
 use skyward_proto::session::{
     CoordinatorSession, CoordinatorSessionConfig, NodeEvent, SendItemError, WorkerEvent, WorkerSession, WorkerSessionConfig,
 };
 use skyward_proto::{
-    BinaryHash, Hello, InstanceInfo, Outcome, PROTOCOL_VERSION, ProtocolError, TaskId, TaskKind, TaskSpec, Time, ToCoordinator, ToWorker,
-    WorkerFacts,
+    BinaryHash, Hello, Outcome, PROTOCOL_VERSION, ProtocolError, TaskId, TaskKind, TaskSpec, Time, ToCoordinator, ToWorker, WorkerFacts,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -209,7 +209,8 @@ fn spec_for(plan: &TaskPlan, window: u32) -> TaskSpec {
     let args = codec::to_bytes(&(plan.work.as_micros() as u64, plan.items)).expect("args encode");
     TaskSpec {
         kind: TaskKind::Function { name: "sim::task".into(), binary: BinaryHash([7; 32]), args, streaming: plan.items > 0 },
-        info: Some(std::sync::Arc::new(InstanceInfo { pool_id: POOL.into(), ..InstanceInfo::default() })),
+        members: Some(MembersUpdate { rank: 0, epoch: 1, base: None, set: vec![(0, "127.0.0.1".into())], removed: Vec::new() }),
+        info: None,
         initial_credit: window,
     }
 }
