@@ -522,6 +522,21 @@ impl Cluster {
     }
 
     /// A new view from the coordinator; `report` reaches the coordinator.
+    /// A change from the view this node holds; one made from another epoch is dropped (the
+    /// coordinator sends the whole view on the next connection).
+    pub(crate) fn on_view_change(
+        self: &Arc<Self>,
+        change: &skyward_proto::cluster::ViewChange,
+        report: Arc<dyn Fn(ToCoordinator) + Send + Sync>,
+    ) {
+        let mut view = self.core().view.clone();
+        if !view.apply(change.clone()) {
+            tracing::warn!(base = change.base, held = view.epoch, "cluster view change from another epoch; dropped");
+            return;
+        }
+        self.on_view(Arc::new(view), report);
+    }
+
     pub(crate) fn on_view(self: &Arc<Self>, view: Arc<ClusterView>, report: Arc<dyn Fn(ToCoordinator) + Send + Sync>) {
         let mut core = self.core();
         core.report = Some(report);

@@ -228,6 +228,11 @@ impl Worker {
                 (Some(_), None) => tracing::warn!("cluster view without a control stream; ignored"),
                 (None, _) => tracing::warn!("cluster view received in standalone mode; ignored"),
             },
+            WorkerEvent::ClusterViewChange(change) => match (&self.cluster, core.control.clone()) {
+                (Some(cluster), Some(control)) => cluster.on_view_change(&change, Arc::new(move |m: ToCoordinator| control.send(m))),
+                (Some(_), None) => tracing::warn!("cluster view change without a control stream; ignored"),
+                (None, _) => tracing::warn!("cluster view change received in standalone mode; ignored"),
+            },
             WorkerEvent::ClusterRequest { id, op } => {
                 if let Some(control) = core.control.clone() {
                     self.cluster_request(id, &op, control);

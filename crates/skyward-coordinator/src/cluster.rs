@@ -56,6 +56,9 @@ struct NodeEntry {
     node_id: String,
     addr: String,
     shared: Arc<NodeShared>,
+    /// Epoch of the view last queued on the node's current connection: the next publish sends
+    /// it only the change from there (`None`: the whole view).
+    sent: Option<u64>,
 }
 
 type Answer = Result<Reply, ClusterError>;
@@ -115,16 +118,28 @@ impl ClusterShared {
         self.state().nodes.iter().map(|(r, n)| (*r, n.node_id.clone())).collect()
     }
 
-    /// Publish the current membership and placement to every member.
+    /// Publish the current membership and placement to every member: the change since the
+    /// previous view to nodes that hold it, the whole view to the others (one shared copy each,
+    /// not one per node: 1,000 members are about 50 KB).
     fn publish(&self, state: &mut State) {
-        state.view.epoch += 1;
-        state.view.members =
-            state.nodes.iter().map(|(rank, n)| Member { rank: *rank, node_id: n.node_id.clone(), addr: n.addr.clone() }).collect();
-        let view = Arc::new(state.view.clone());
-        for node in state.nodes.values() {
-            node.shared.send_control([ToWorker::ClusterView(Arc::clone(&view))]);
+        let next = ClusterView {
+            epoch: state.view.epoch + 1,
+            members: state.nodes.iter().map(|(rank, n)| Member { rank: *rank, node_id: n.node_id.clone(), addr: n.addr.clone() }).collect(),
+            slots: state.view.slots.clone(),
+        };
+        let change = Arc::new(state.view.change_to(&next));
+        state.view = next;
+        let mut whole: Option<Arc<ClusterView>> = None;
+        let epoch = state.view.epoch;
+        for node in state.nodes.values_mut() {
+            let message = if node.sent == Some(change.base) {
+                ToWorker::ClusterViewChange(Arc::clone(&change))
+            } else {
+                ToWorker::ClusterView(Arc::clone(whole.get_or_insert_with(|| Arc::new(state.view.clone()))))
+            };
+            node.sent = node.shared.send_control([message]).then_some(epoch);
         }
-        self.epoch.send_replace(state.view.epoch);
+        self.epoch.send_replace(epoch);
     }
 
     /// A node is ready; `addr` is where its peers reach it.
@@ -133,7 +148,7 @@ impl ClusterShared {
             return;
         }
         let mut state = self.state();
-        let replaced = state.nodes.insert(rank, NodeEntry { node_id: node_id.clone(), addr, shared });
+        let replaced = state.nodes.insert(rank, NodeEntry { node_id: node_id.clone(), addr, shared, sent: None });
         if let Some(old) = replaced.filter(|old| old.node_id != node_id) {
             // A replacement arrived before the loss was processed: the old node is gone.
             self.drop_node(&mut state, rank, &old.node_id, "replaced");
@@ -164,19 +179,25 @@ impl ClusterShared {
     /// Node `rank` (re)connected: give it the current view (it may have missed one while its
     /// connection was down; an older or equal epoch is ignored by the worker).
     pub(crate) fn node_connected(&self, rank: u32, node_id: &str) {
-        let state = self.state();
+        let mut state = self.state();
+        let state = &mut *state;
         if self.enabled
             && state.view.epoch > 0
-            && let Some(node) = state.nodes.get(&rank).filter(|n| n.node_id == node_id)
+            && let Some(node) = state.nodes.get_mut(&rank).filter(|n| n.node_id == node_id)
         {
-            node.shared.send_control([ToWorker::ClusterView(Arc::new(state.view.clone()))]);
+            let sent = node.shared.send_control([ToWorker::ClusterView(Arc::new(state.view.clone()))]);
+            node.sent = sent.then_some(state.view.epoch);
         }
     }
 
     /// Node `rank`'s connection dropped: calls waiting on it will get no answer (the worker
     /// answers on the connection it got them on). Their callers send again if that is safe.
     pub(crate) fn connection_lost(&self, rank: u32) {
-        self.state().pending.retain(|_, (r, _)| *r != rank);
+        let mut state = self.state();
+        state.pending.retain(|_, (r, _)| *r != rank);
+        if let Some(node) = state.nodes.get_mut(&rank) {
+            node.sent = None;
+        }
     }
 
     /// Node `node_id` (rank `rank`) left the cluster.

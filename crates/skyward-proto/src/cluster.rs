@@ -458,7 +458,45 @@ pub struct ClusterView {
     pub slots: Vec<SlotOwners>,
 }
 
+/// What changed from the view of epoch `base` to the view of `epoch`: sent instead of the whole
+/// view to a node that holds `base`, so a change costs each node a few members, not all of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewChange {
+    /// Epoch of the view this produces.
+    pub epoch: u64,
+    /// Epoch of the view it applies to.
+    pub base: u64,
+    /// Members that joined (a rank taken over by a new node appears here with the new node).
+    pub joined: Vec<Member>,
+    /// Ranks that left (or whose node was replaced).
+    pub left: Vec<u32>,
+    /// The whole slot table (`SLOTS` entries: small).
+    pub slots: Vec<SlotOwners>,
+}
+
 impl ClusterView {
+    /// The change from `self` to `next`.
+    pub fn change_to(&self, next: &ClusterView) -> ViewChange {
+        let before: std::collections::HashMap<u32, &Member> = self.members.iter().map(|m| (m.rank, m)).collect();
+        let after: std::collections::HashMap<u32, &Member> = next.members.iter().map(|m| (m.rank, m)).collect();
+        let left = self.members.iter().filter(|m| after.get(&m.rank).copied() != Some(m)).map(|m| m.rank).collect();
+        let joined = next.members.iter().filter(|m| before.get(&m.rank).copied() != Some(m)).cloned().collect();
+        ViewChange { epoch: next.epoch, base: self.epoch, joined, left, slots: next.slots.clone() }
+    }
+
+    /// Apply `change`; `false` (nothing applied) when it was made from another epoch.
+    pub fn apply(&mut self, change: ViewChange) -> bool {
+        if change.base != self.epoch {
+            return false;
+        }
+        self.members.retain(|m| !change.left.contains(&m.rank));
+        self.members.extend(change.joined);
+        self.members.sort_by_key(|m| m.rank);
+        self.slots = change.slots;
+        self.epoch = change.epoch;
+        true
+    }
+
     /// Owners of the slot `cell` lives in.
     pub fn owners(&self, cell: &CellKey) -> Option<SlotOwners> {
         self.slots.get(cell.slot() as usize).copied()
@@ -1203,6 +1241,30 @@ mod tests {
     use super::*;
 
     const T0: Time = Duration::ZERO;
+
+    fn view(epoch: u64, members: &[(u32, &str)]) -> ClusterView {
+        let members: Vec<Member> =
+            members.iter().map(|(r, id)| Member { rank: *r, node_id: (*id).to_string(), addr: format!("10.0.0.{r}:1") }).collect();
+        let ranks: Vec<u32> = members.iter().map(|m| m.rank).collect();
+        ClusterView { epoch, members, slots: ClusterView::place(&ranks) }
+    }
+
+    #[test]
+    fn a_view_change_carries_only_what_changed_and_rebuilds_the_view() {
+        let old = view(3, &[(0, "a"), (1, "b"), (2, "c"), (3, "d")]);
+        // Rank 1 replaced by a new node, rank 3 gone, rank 4 new.
+        let new = view(4, &[(0, "a"), (1, "b2"), (2, "c"), (4, "e")]);
+        let change = old.change_to(&new);
+        assert_eq!(change.left, vec![1, 3]);
+        assert_eq!(change.joined.iter().map(|m| m.node_id.as_str()).collect::<Vec<_>>(), vec!["b2", "e"]);
+        let mut held = old.clone();
+        assert!(held.apply(change.clone()));
+        assert_eq!(held, new);
+        // Made from another epoch: refused, nothing applied.
+        let mut other = view(2, &[(0, "a")]);
+        assert!(!other.apply(change));
+        assert_eq!(other, view(2, &[(0, "a")]));
+    }
 
     fn dict_insert(name: &str, key: &str, value: &str) -> Op {
         Op::DictInsert { name: name.into(), key: key.as_bytes().to_vec(), value: value.as_bytes().to_vec() }

@@ -271,6 +271,9 @@ pub enum ToWorker {
     /// Cluster mode: the current membership and placement of the worker cluster. Shared: the
     /// coordinator queues one copy per change for all nodes, not one per node.
     ClusterView(#[serde(with = "shared")] Arc<crate::cluster::ClusterView>),
+    /// Cluster mode: what changed since the view the node holds (it ignores a change made from
+    /// another epoch; the coordinator sends a whole view on every new connection).
+    ClusterViewChange(#[serde(with = "shared")] Arc<crate::cluster::ViewChange>),
     /// Run a collection operation on this node (the coordinator's own calls, e.g. `pool.dict()`).
     ClusterRequest {
         /// Request id, unique per connection.
@@ -361,6 +364,7 @@ impl ToWorker {
             ToWorker::OpenLane => "OpenLane",
             ToWorker::Shutdown => "Shutdown",
             ToWorker::ClusterView(_) => "ClusterView",
+            ToWorker::ClusterViewChange(_) => "ClusterViewChange",
             ToWorker::ClusterRequest { .. } => "ClusterRequest",
         }
     }

@@ -91,6 +91,8 @@ pub enum WorkerEvent {
     },
     /// New membership and placement of the worker cluster.
     ClusterView(std::sync::Arc<crate::cluster::ClusterView>),
+    /// What changed since the view the worker holds.
+    ClusterViewChange(std::sync::Arc<crate::cluster::ViewChange>),
     /// The coordinator asks for a collection operation.
     ClusterRequest {
         /// Request id.
@@ -270,6 +272,7 @@ impl WorkerSession {
             ToWorker::PutBinary { .. } | ToWorker::OpenLane => {}
             ToWorker::Shutdown => self.events.push_back(WorkerEvent::Shutdown),
             ToWorker::ClusterView(view) => self.events.push_back(WorkerEvent::ClusterView(view)),
+            ToWorker::ClusterViewChange(change) => self.events.push_back(WorkerEvent::ClusterViewChange(change)),
             ToWorker::ClusterRequest { id, op } => self.events.push_back(WorkerEvent::ClusterRequest { id, op }),
         }
         Ok(())

@@ -780,7 +780,11 @@ impl Sim {
                 }
             }
             // The simulation covers the task protocol; the cluster has its own tests.
-            WorkerEvent::Welcomed { .. } | WorkerEvent::Shutdown | WorkerEvent::ClusterView(_) | WorkerEvent::ClusterRequest { .. } => {}
+            WorkerEvent::Welcomed { .. }
+            | WorkerEvent::Shutdown
+            | WorkerEvent::ClusterView(_)
+            | WorkerEvent::ClusterViewChange(_)
+            | WorkerEvent::ClusterRequest { .. } => {}
             WorkerEvent::QueryBinary { hash } => node.worker.binary_status(hash, false),
             WorkerEvent::Refused { reason } => {
                 node.refused = Some(reason);
