@@ -6,6 +6,7 @@
 //! cargo bench --bench peers                      # full run; installs Ray into a venv if needed
 //! cargo bench --bench peers -- --json out.json   # where the JSON goes (default: $TMPDIR/skyward-peers.json)
 //! cargo bench --bench peers -- --no-ray          # Skyward only
+//! cargo bench --bench peers -- --only broadcast  # one group: tasks, broadcast, start or scale
 //! cargo test --bench peers -- --test             # smoke run (what .ci/run does): tiny counts
 //! ```
 //!
@@ -118,17 +119,32 @@ fn main() {
     let json_path = flag("--json").map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("skyward-peers.json"));
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
 
+    // `--only tasks|broadcast|start|scale`: one group of scenarios, Skyward only (for profiling).
+    let only = flag("--only");
+    let run = |group: &str| only.as_deref().is_none_or(|o| o == group);
     let mut ours = Vec::new();
-    eprintln!("skyward: 2 Local workers: sync round trips, async throughput, actor calls");
-    ours.extend(rt.block_on(two_workers(sizes)));
-    eprintln!("skyward: broadcast to 4 Local workers");
-    ours.push(rt.block_on(broadcast(sizes)));
-    eprintln!("skyward: pool start, 4 Local workers");
-    ours.push(rt.block_on(pool_start(sizes)));
-    eprintln!("skyward: scale, {} simulated nodes (own process)", sizes.scale_nodes);
-    ours.push(scale(sizes));
+    if run("tasks") {
+        eprintln!("skyward: 2 Local workers: sync round trips, async throughput, actor calls");
+        ours.extend(rt.block_on(two_workers(sizes)));
+    }
+    if run("broadcast") {
+        eprintln!("skyward: broadcast to 4 Local workers");
+        ours.push(rt.block_on(broadcast(sizes)));
+    }
+    if run("start") {
+        eprintln!("skyward: pool start, 4 Local workers");
+        ours.push(rt.block_on(pool_start(sizes)));
+    }
+    if run("scale") {
+        eprintln!("skyward: scale, {} simulated nodes (own process)", sizes.scale_nodes);
+        ours.push(scale(sizes));
+    }
 
-    let ray = if args.iter().any(|a| a == "--no-ray") { Err("skipped (--no-ray)".to_string()) } else { run_ray(quick, sizes.reps) };
+    let ray = if only.is_some() || args.iter().any(|a| a == "--no-ray") {
+        Err("skipped (--no-ray or --only)".to_string())
+    } else {
+        run_ray(quick, sizes.reps)
+    };
     let report = report(&ours, &ray, quick);
     print_table(&report);
     let text = serde_json::to_string_pretty(&report).expect("json");
