@@ -184,7 +184,7 @@ fn instance(id: &str, node_id: &str, pool_id: &str, state: InstanceState) -> Ins
 /// The sim host: a worker per `start` line, until stdin closes.
 pub(crate) fn host_main() -> ! {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    let inline: skyward_worker::InlineCalls = Arc::new(|name: String, args: Vec<u8>| {
+    let inline: skyward_worker::InlineCalls = Arc::new(|name: String, args: bytes::Bytes| {
         Box::pin(async move {
             match skyward_function::lookup(&name).map(|f| f.invoke) {
                 Some(skyward_function::Invoke::Unary(body)) => body(args).await,

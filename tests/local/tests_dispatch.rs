@@ -34,6 +34,16 @@ fn blocking_rank() -> u32 {
     skyward::instance_info().rank
 }
 
+/// Length and a position-weighted checksum: a byte lost, duplicated or moved changes it.
+#[skyward::function]
+async fn digest(data: serde_bytes::ByteBuf) -> (usize, u64) {
+    (data.len(), checksum(&data))
+}
+
+fn checksum(data: &[u8]) -> u64 {
+    data.iter().enumerate().fold(0u64, |acc, (i, b)| acc.wrapping_mul(31).wrapping_add((*b as u64) ^ (i as u64)))
+}
+
 #[skyward::function]
 async fn my_shard(len: u64) -> Vec<u64> {
     let data: Vec<u64> = (0..len).collect();
@@ -78,6 +88,18 @@ async fn every_api_on_three_nodes(mode: Mode) -> anyhow::Result<()> {
     // broadcast: every node, ordered by rank, with instance_info filled in
     let all = pool.broadcast(rank_and_count()).await?;
     anyhow::ensure!(all == vec![(0, 3, 3), (1, 3, 3), (2, 3, 3)], "broadcast gave {all:?}");
+
+    // large arguments: shared by every node's task and written to the stream and the executor
+    // socket in chunks (bigger than the socket buffers, so the writers' backlog carries them)
+    let data: Vec<u8> = (0..5_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let want = (data.len(), checksum(&data));
+    let seen = pool.broadcast(digest(serde_bytes::ByteBuf::from(data.clone()))).await?;
+    anyhow::ensure!(seen == vec![want; 3], "a node saw different bytes: {seen:?} (want {want:?})");
+    // several large calls at once on each node: their frames queue behind each other, in order
+    let inputs: Vec<Vec<u8>> = (0..9u8).map(|k| data.iter().map(|b| b.wrapping_add(k)).collect()).collect();
+    let wants: Vec<(usize, u64)> = inputs.iter().map(|d| (d.len(), checksum(d))).collect();
+    let seen = pool.gather(inputs.into_iter().map(|d| digest(serde_bytes::ByteBuf::from(d)))).await?;
+    anyhow::ensure!(seen == wants, "concurrent large calls mixed up: {seen:?} (want {wants:?})");
 
     // shard inside tasks: the union over ranks is the data set, once
     let mut shards: Vec<u64> = pool.broadcast(my_shard(10)).await?.into_iter().flatten().collect();

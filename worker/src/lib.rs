@@ -88,8 +88,9 @@ pub enum ExitReason {
 /// Only for simulations that need many nodes in one process (the peer benchmark's 1,000 simulated
 /// nodes), which link their own functions. The `skyward-worker` binary never sets it, so on every
 /// real node user code still runs in a separate executor process.
-pub type InlineCalls =
-    Arc<dyn Fn(String, Vec<u8>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, RemoteError>> + Send>> + Send + Sync>;
+pub type InlineCalls = Arc<
+    dyn Fn(String, bytes::Bytes) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, RemoteError>> + Send>> + Send + Sync,
+>;
 
 struct Worker {
     config: WorkerConfig,
@@ -302,7 +303,7 @@ impl Worker {
         task: TaskId,
         name: String,
         binary: BinaryHash,
-        args: Vec<u8>,
+        args: bytes::Bytes,
         streaming: bool,
         info: Option<Arc<InstanceInfo>>,
         initial_credit: u32,

@@ -344,7 +344,7 @@ impl Pool {
     }
 
     fn function_kind<R>(&self, call: &Call<R>, streaming: bool) -> Result<TaskKind, Error> {
-        let args = call.args().map_err(|e| Error::Codec(Box::new(e.clone())))?.to_vec();
+        let args = call.args_shared().map_err(|e| Error::Codec(Box::new(e.clone())))?;
         Ok(TaskKind::Function { name: call.name().to_string(), binary: self.inner.shared.binary.hash, args, streaming })
     }
 

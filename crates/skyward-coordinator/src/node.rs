@@ -14,7 +14,7 @@ use crate::binary::ShippedBinary;
 use crate::pool::PoolMsg;
 use crate::task_manager::TmMsg;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use skyward_net::{FramedRecv, write_frames};
+use skyward_net::{FramedRecv, write_frame_shared, write_frames};
 use skyward_proto::Time;
 use skyward_proto::members::MembersUpdate;
 use skyward_proto::message::*;
@@ -297,7 +297,7 @@ impl NodeHandle {
                     return;
                 }
             };
-            if write_frames(&mut send, std::slice::from_ref(&submit)).await.is_err() {
+            if write_frame_shared(&mut send, &submit).await.is_err() {
                 return;
             }
             let _ = send.finish();

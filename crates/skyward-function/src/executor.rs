@@ -134,7 +134,7 @@ pub async fn serve(path: &str) -> Result<(), ExecutorError> {
     let calls: Calls = Arc::default();
     let host = crate::actors::Host::default();
     let mut decoder = FrameDecoder::new(codec::DEFAULT_MAX_FRAME);
-    let mut chunk = vec![0u8; 64 * 1024];
+    let mut chunk = vec![0u8; 1024 * 1024];
     // The node facts of the last call that carried them (a call without facts has these).
     let mut info = Arc::new(InstanceInfo::default());
     loop {

@@ -32,10 +32,10 @@ pub use context::{InstanceInfo, instance_info};
 pub use shard::{ShardOptions, shard, shard_with};
 
 /// A unary function body: serialized arguments in, serialized result out.
-pub type UnaryFn = fn(Vec<u8>) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>>;
+pub type UnaryFn = fn(bytes::Bytes) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>>;
 
 /// A streaming function body: serialized arguments in, a stream of serialized items out.
-pub type StreamFn = fn(Vec<u8>) -> BoxFuture<'static, Result<BoxStream<'static, Result<Vec<u8>, RemoteError>>, RemoteError>>;
+pub type StreamFn = fn(bytes::Bytes) -> BoxFuture<'static, Result<BoxStream<'static, Result<Vec<u8>, RemoteError>>, RemoteError>>;
 
 /// How a registered function is invoked.
 #[derive(Clone, Copy)]
@@ -85,13 +85,14 @@ pub fn registered_names() -> Vec<&'static str> {
 /// Built by calling a `#[skyward::function]`; handed to the pool (`pool.run(call)`).
 pub struct Call<R> {
     name: &'static str,
-    args: Result<Vec<u8>, RemoteError>,
+    /// Shared: cloning a call (a broadcast to every node) does not copy its arguments.
+    args: Result<bytes::Bytes, RemoteError>,
     _result: PhantomData<fn() -> R>,
 }
 
 impl<R> std::fmt::Debug for Call<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Call").field("name", &self.name).field("args_len", &self.args.as_ref().map(Vec::len)).finish()
+        f.debug_struct("Call").field("name", &self.name).field("args_len", &self.args.as_ref().map(bytes::Bytes::len)).finish()
     }
 }
 
@@ -104,7 +105,7 @@ impl<R> Clone for Call<R> {
 impl<R: DeserializeOwned> Call<R> {
     /// A call of `name` with `args` (a tuple of the function's arguments).
     pub fn new<A: Serialize + ?Sized>(name: &'static str, args: &A) -> Self {
-        let args = codec::to_bytes(args).map_err(|e| codec_error("arguments", name, e));
+        let args = codec::to_bytes(args).map(bytes::Bytes::from).map_err(|e| codec_error("arguments", name, e));
         Self { name, args, _result: PhantomData }
     }
 
@@ -123,6 +124,14 @@ impl<R> Call<R> {
     /// Encoded arguments, or the error met while encoding them.
     pub fn args(&self) -> Result<&[u8], &RemoteError> {
         self.args.as_deref()
+    }
+
+    /// Encoded arguments as a shared buffer (a clone, not a copy).
+    pub fn args_shared(&self) -> Result<bytes::Bytes, &RemoteError> {
+        match &self.args {
+            Ok(args) => Ok(args.clone()),
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -6,9 +6,15 @@
 //! when the stream is full. Frame order is kept: once anything is queued, later frames queue
 //! behind it until the writer task has flushed it all. Used for lanes (QUIC send streams) and for
 //! the worker↔executor Unix socket.
+//!
+//! A frame with a large shared field (`skyward_proto::codec::shared_bytes`, a task's arguments)
+//! is written as chunks and queued by reference: a 256 MiB argument is never copied into the
+//! backlog.
 
+use bytes::Bytes;
 use serde::Serialize;
 use skyward_proto::codec;
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
@@ -29,10 +35,41 @@ pub struct WriterClosed;
 struct State<W> {
     stream: W,
     /// Bytes waiting for the writer task, in order.
-    backlog: Vec<u8>,
+    backlog: Backlog,
     /// The writer task is flushing; direct writes wait their turn behind the backlog.
     flushing: bool,
     closed: bool,
+}
+
+/// Queued bytes: small frames gathered into one buffer (one write for many frames), large shared
+/// chunks kept as they are.
+#[derive(Default)]
+struct Backlog {
+    chunks: VecDeque<Bytes>,
+    /// Small bytes after the last chunk.
+    tail: Vec<u8>,
+}
+
+impl Backlog {
+    fn is_empty(&self) -> bool {
+        self.chunks.is_empty() && self.tail.is_empty()
+    }
+
+    fn push(&mut self, chunk: Bytes) {
+        if chunk.len() < codec::SHARED_MIN {
+            self.tail.extend_from_slice(&chunk);
+        } else {
+            if !self.tail.is_empty() {
+                self.chunks.push_back(Bytes::from(std::mem::take(&mut self.tail)));
+            }
+            self.chunks.push_back(chunk);
+        }
+    }
+
+    /// The next bytes to write, in order.
+    fn pop(&mut self) -> Option<Bytes> {
+        self.chunks.pop_front().or_else(|| (!self.tail.is_empty()).then(|| Bytes::from(std::mem::take(&mut self.tail))))
+    }
 }
 
 struct Shared<W> {
@@ -71,7 +108,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> DirectWriter<W> {
     /// Take over `stream` and start its writer task on the current runtime.
     pub fn new(stream: W) -> Self {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { stream, backlog: Vec::new(), flushing: false, closed: false }),
+            state: Mutex::new(State { stream, backlog: Backlog::default(), flushing: false, closed: false }),
             wake: Notify::new(),
         });
         let task = tokio::spawn(flush(Arc::clone(&shared)));
@@ -80,7 +117,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> DirectWriter<W> {
 
     /// Send one frame holding `message`.
     pub fn send<T: Serialize>(&self, message: &T) -> Result<(), WriterClosed> {
-        let frame = codec::frame(message).map_err(|_| WriterClosed)?;
+        let mut chunks = codec::frame_chunks(message).map_err(|_| WriterClosed)?.into_iter();
         let mut state = self.shared.state.lock().expect("writer lock");
         if state.closed {
             return Err(WriterClosed);
@@ -88,17 +125,22 @@ impl<W: AsyncWrite + Unpin + Send + 'static> DirectWriter<W> {
         if !state.flushing && state.backlog.is_empty() {
             // A no-op waker: if the stream is full, the writer task polls again with its own.
             let mut cx = Context::from_waker(Waker::noop());
-            match Pin::new(&mut state.stream).poll_write(&mut cx, &frame) {
-                Poll::Ready(Ok(n)) if n == frame.len() => return Ok(()),
-                Poll::Ready(Ok(n)) => state.backlog.extend_from_slice(&frame[n..]),
-                Poll::Pending => state.backlog.extend_from_slice(&frame),
-                Poll::Ready(Err(_)) => {
-                    state.closed = true;
-                    return Err(WriterClosed);
+            loop {
+                let Some(chunk) = chunks.next() else { return Ok(()) };
+                match Pin::new(&mut state.stream).poll_write(&mut cx, &chunk) {
+                    Poll::Ready(Ok(n)) if n == chunk.len() => continue,
+                    Poll::Ready(Ok(n)) => state.backlog.push(chunk.slice(n..)),
+                    Poll::Pending => state.backlog.push(chunk),
+                    Poll::Ready(Err(_)) => {
+                        state.closed = true;
+                        return Err(WriterClosed);
+                    }
                 }
+                break;
             }
-        } else {
-            state.backlog.extend_from_slice(&frame);
+        }
+        for chunk in chunks {
+            state.backlog.push(chunk);
         }
         drop(state);
         self.shared.wake.notify_one();
@@ -117,7 +159,7 @@ async fn flush<W: AsyncWrite + Unpin>(shared: Arc<Shared<W>>) {
                     break;
                 }
                 state.flushing = true;
-                std::mem::take(&mut state.backlog)
+                state.backlog.pop().expect("not empty")
             };
             let mut written = 0;
             while written < chunk.len() {
@@ -135,5 +177,42 @@ async fn flush<W: AsyncWrite + Unpin>(shared: Arc<Shared<W>>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skyward_proto::codec::FrameDecoder;
+    use skyward_proto::exec::ToExecutor;
+    use tokio::io::AsyncReadExt;
+
+    fn call(id: u64, len: usize) -> ToExecutor {
+        let args: Vec<u8> = (0..len).map(|i| (i as u64 * 7 + id) as u8).collect();
+        ToExecutor::Call { id, name: format!("f{id}"), args: Bytes::from(args), info: None, streaming: false, credit: 0 }
+    }
+
+    /// A stream that takes a few KiB at a time: large frames (sent as shared chunks) and small
+    /// ones interleaved pile up in the backlog, and must come out whole and in order.
+    #[tokio::test]
+    async fn frames_keep_their_order_and_bytes_through_the_backlog() {
+        let (near, mut far) = tokio::io::duplex(4096);
+        let writer = DirectWriter::new(near);
+        let sent: Vec<ToExecutor> = (0..12).map(|id| call(id, if id % 3 == 0 { 10 } else { 200_000 + id as usize })).collect();
+        for message in &sent {
+            writer.send(message).expect("open");
+        }
+        let mut decoder = FrameDecoder::new(codec::DEFAULT_MAX_FRAME);
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 3000];
+        while got.len() < sent.len() {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(10), far.read(&mut buf)).await.expect("in time").expect("read");
+            assert!(n > 0, "stream ended after {} frames", got.len());
+            decoder.push(&buf[..n]);
+            while let Some(m) = decoder.next::<ToExecutor>("ToExecutor").expect("valid frame") {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, sent);
     }
 }

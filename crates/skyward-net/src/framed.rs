@@ -75,6 +75,14 @@ pub async fn write_frames<T: Serialize>(send: &mut quinn::SendStream, messages: 
     Ok(())
 }
 
+/// Write one frame holding `message`; its large shared fields (a task's arguments) go to quinn
+/// by reference (`codec::frame_chunks`), not copied.
+pub async fn write_frame_shared<T: Serialize>(send: &mut quinn::SendStream, message: &T) -> Result<(), WriteError> {
+    let mut chunks = codec::frame_chunks(message)?;
+    send.write_all_chunks(&mut chunks).await?;
+    Ok(())
+}
+
 /// Errors writing frames.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {

@@ -5,8 +5,10 @@
 //! stable wire format; see docs/architecture.md), so swapping it touches this file alone.
 
 use crate::error::ProtocolError;
+use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::cell::RefCell;
 
 /// Default upper bound for one frame: room for a 1 GiB argument (model weights, a dataset shard)
 /// plus its framing; frames only come from peers that passed mutual TLS, and a garbage length
@@ -24,6 +26,152 @@ pub fn to_bytes<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, ProtocolErr
 /// Decode a value encoded by [`to_bytes`]. `what` names the expected type in the error.
 pub fn from_bytes<T: DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T, ProtocolError> {
     postcard::from_bytes(bytes).map_err(|e| ProtocolError::Malformed { what, reason: e.to_string() })
+}
+
+/// Byte fields at least this long (in a [`shared_bytes`] field) are not copied into a frame
+/// built by [`frame_chunks`], and a frame at least this long is decoded without copying such
+/// fields out of it. Below it, a copy is cheaper than a separate chunk.
+pub const SHARED_MIN: usize = 64 * 1024;
+
+thread_local! {
+    /// While [`frame_chunks`] encodes: the large [`shared_bytes`] fields met so far.
+    static ENCODING: RefCell<Option<Vec<Bytes>>> = const { RefCell::new(None) };
+    /// While a frame held as `Bytes` is decoded: that frame, so [`shared_bytes`] fields borrow it.
+    static DECODING: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+}
+
+/// Whether `part` lies inside `whole` (same memory, not equal contents).
+fn within(whole: &Bytes, part: &[u8]) -> bool {
+    let (start, end) = (whole.as_ptr() as usize, whole.as_ptr() as usize + whole.len());
+    let (p, q) = (part.as_ptr() as usize, part.as_ptr() as usize + part.len());
+    p >= start && q <= end
+}
+
+/// serde `with` module for large byte fields held as [`Bytes`] (task arguments): the same wire
+/// format as `serde_bytes`, but a frame built by [`frame_chunks`] refers to the field instead of
+/// copying it, and a large frame decoded by [`FrameDecoder`] lends the field its own memory. A
+/// 256 MiB broadcast argument is then encoded once, whatever the number of nodes, and each hop
+/// (quinn, the worker, the executor socket) holds one copy, not three.
+pub mod shared_bytes {
+    use super::{Bytes, DECODING, ENCODING, SHARED_MIN, within};
+    use serde::{Deserializer, Serializer};
+
+    /// Serialize as bytes; noted for [`super::frame_chunks`] when large.
+    pub fn serialize<S: Serializer>(bytes: &Bytes, serializer: S) -> Result<S::Ok, S::Error> {
+        if bytes.len() >= SHARED_MIN {
+            ENCODING.with(|e| {
+                if let Some(shared) = e.borrow_mut().as_mut() {
+                    shared.push(bytes.clone());
+                }
+            });
+        }
+        serializer.serialize_bytes(bytes)
+    }
+
+    /// Deserialize bytes, borrowing the frame being decoded when it is held as `Bytes`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Bytes, D::Error> {
+        deserializer.deserialize_bytes(Visitor)
+    }
+
+    struct Visitor;
+
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = Bytes;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("bytes")
+        }
+
+        fn visit_borrowed_bytes<E: serde::de::Error>(self, v: &'de [u8]) -> Result<Bytes, E> {
+            let shared = DECODING.with(|d| d.borrow().as_ref().filter(|frame| within(frame, v)).map(|frame| frame.slice_ref(v)));
+            Ok(shared.unwrap_or_else(|| Bytes::copy_from_slice(v)))
+        }
+
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
+            Ok(Bytes::copy_from_slice(v))
+        }
+
+        fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+            Ok(Bytes::from(v))
+        }
+    }
+}
+
+/// A frame being built by [`frame_chunks`]: owned bytes, and the large shared fields between them.
+enum Piece {
+    Own(Vec<u8>),
+    Shared(Bytes),
+}
+
+struct ChunkFlavor {
+    pieces: Vec<Piece>,
+    current: Vec<u8>,
+}
+
+impl postcard::ser_flavors::Flavor for ChunkFlavor {
+    type Output = Vec<Piece>;
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.current.push(data);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        if data.len() >= SHARED_MIN {
+            let whole = ENCODING.with(|e| e.borrow().as_ref().and_then(|shared| shared.iter().find(|b| within(b, data)).cloned()));
+            if let Some(whole) = whole {
+                self.pieces.push(Piece::Own(std::mem::take(&mut self.current)));
+                self.pieces.push(Piece::Shared(whole.slice_ref(data)));
+                return Ok(());
+            }
+        }
+        self.current.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn finalize(mut self) -> postcard::Result<Vec<Piece>> {
+        self.pieces.push(Piece::Own(self.current));
+        Ok(self.pieces)
+    }
+}
+
+/// One frame holding `message`, as chunks to write in order: large [`shared_bytes`] fields are
+/// chunks of their own that share the field's memory (no copy); everything else is copied.
+/// A message without such fields gives one chunk, the same bytes as [`frame`].
+pub fn frame_chunks<T: Serialize + ?Sized>(message: &T) -> Result<Vec<Bytes>, ProtocolError> {
+    ENCODING.with(|e| *e.borrow_mut() = Some(Vec::new()));
+    let flavor = ChunkFlavor { pieces: Vec::new(), current: vec![0; HEADER_LEN] };
+    let result = postcard::serialize_with_flavor(message, flavor);
+    ENCODING.with(|e| *e.borrow_mut() = None);
+    let mut pieces = result.map_err(|e| ProtocolError::Malformed { what: "outgoing", reason: e.to_string() })?;
+    let total: usize = pieces
+        .iter()
+        .map(|p| match p {
+            Piece::Own(v) => v.len(),
+            Piece::Shared(b) => b.len(),
+        })
+        .sum();
+    let len = total - HEADER_LEN;
+    let len32 = u32::try_from(len).map_err(|_| ProtocolError::FrameTooLarge { len, max: u32::MAX as usize })?;
+    if let Some(Piece::Own(head)) = pieces.first_mut() {
+        head[..HEADER_LEN].copy_from_slice(&len32.to_le_bytes());
+    }
+    Ok(pieces
+        .into_iter()
+        .filter_map(|p| match p {
+            Piece::Own(v) if v.is_empty() => None,
+            Piece::Own(v) => Some(Bytes::from(v)),
+            Piece::Shared(b) => Some(b),
+        })
+        .collect())
+}
+
+/// Decode `frame` (a frame's payload held as `Bytes`): [`shared_bytes`] fields borrow its memory.
+pub fn from_shared<T: DeserializeOwned>(frame: &Bytes, what: &'static str) -> Result<T, ProtocolError> {
+    DECODING.with(|d| *d.borrow_mut() = Some(frame.clone()));
+    let result = postcard::from_bytes(frame);
+    DECODING.with(|d| *d.borrow_mut() = None);
+    result.map_err(|e| ProtocolError::Malformed { what, reason: e.to_string() })
 }
 
 /// Append one frame holding `message` to `out`.
@@ -100,8 +248,8 @@ impl FrameDecoder {
         self.buf.len() - self.start
     }
 
-    /// Next whole frame's payload, if one is buffered.
-    pub fn next_payload(&mut self) -> Result<Option<&[u8]>, ProtocolError> {
+    /// Where the next whole frame's payload lies in `buf`, if one is buffered.
+    fn next_range(&mut self) -> Result<Option<std::ops::Range<usize>>, ProtocolError> {
         if self.poisoned {
             return Err(ProtocolError::Malformed { what: "stream", reason: "decoder poisoned by an earlier error".into() });
         }
@@ -118,24 +266,42 @@ impl FrameDecoder {
             }
         };
         if avail.len() < HEADER_LEN + len {
+            // Room for the rest of the frame at once, so a large frame is not regrown.
+            let missing = HEADER_LEN + len - avail.len();
+            self.buf.reserve(missing);
             return Ok(None);
         }
         let begin = self.start + HEADER_LEN;
         self.start = begin + len;
-        Ok(Some(&self.buf[begin..begin + len]))
+        Ok(Some(begin..begin + len))
+    }
+
+    /// Next whole frame's payload, if one is buffered.
+    pub fn next_payload(&mut self) -> Result<Option<&[u8]>, ProtocolError> {
+        Ok(self.next_range()?.map(|range| &self.buf[range]))
     }
 
     /// Next whole frame decoded as `T`.
+    ///
+    /// A frame of [`SHARED_MIN`] bytes or more is decoded from the buffer handed over as `Bytes`:
+    /// its [`shared_bytes`] fields keep that memory instead of a copy (the bytes after the frame,
+    /// usually none, are copied into a new buffer).
     pub fn next<T: DeserializeOwned>(&mut self, what: &'static str) -> Result<Option<T>, ProtocolError> {
-        match self.next_payload()? {
-            None => Ok(None),
-            Some(payload) => match postcard::from_bytes(payload) {
-                Ok(v) => Ok(Some(v)),
-                Err(e) => {
-                    self.poisoned = true;
-                    Err(ProtocolError::Malformed { what, reason: e.to_string() })
-                }
-            },
+        let Some(range) = self.next_range()? else { return Ok(None) };
+        let decoded = if range.len() >= SHARED_MIN {
+            let whole = Bytes::from(std::mem::take(&mut self.buf));
+            self.buf = whole[range.end..].to_vec();
+            self.start = 0;
+            from_shared(&whole.slice(range), what)
+        } else {
+            postcard::from_bytes(&self.buf[range]).map_err(|e| ProtocolError::Malformed { what, reason: e.to_string() })
+        };
+        match decoded {
+            Ok(v) => Ok(Some(v)),
+            Err(e) => {
+                self.poisoned = true;
+                Err(e)
+            }
         }
     }
 }
@@ -162,6 +328,59 @@ mod tests {
         }
         assert_eq!(got, msgs);
         assert_eq!(dec.buffered(), 0);
+    }
+
+    fn submit(args: Bytes) -> ToWorker {
+        use crate::message::{BinaryHash, TaskKind, TaskSpec};
+        let kind = TaskKind::Function { name: "m::f".into(), binary: BinaryHash([1; 32]), args, streaming: false };
+        ToWorker::Submit { task: TaskId(9), spec: Box::new(TaskSpec { kind, members: None, info: None, initial_credit: 4 }) }
+    }
+
+    fn args_of(message: &ToWorker) -> &Bytes {
+        match message {
+            ToWorker::Submit { spec, .. } => match &spec.kind {
+                crate::message::TaskKind::Function { args, .. } => args,
+                other => panic!("not a function: {other:?}"),
+            },
+            other => panic!("not a submit: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn large_arguments_are_shared_into_the_frame_and_out_of_it() {
+        let args = Bytes::from((0..SHARED_MIN * 3).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+        let message = submit(args.clone());
+        let chunks = frame_chunks(&message).unwrap();
+        // Same bytes as the copying encoder, and the arguments are a chunk of their own that is
+        // the caller's memory.
+        assert_eq!(chunks.concat(), frame(&message).unwrap());
+        assert!(chunks.iter().any(|c| c.as_ptr() == args.as_ptr() && c.len() == args.len()), "arguments were copied");
+
+        // Decoded from a buffer of several reads, with a small frame after it.
+        let mut wire = chunks.concat();
+        encode_frame(&ToWorker::Heartbeat { seq: 1 }, &mut wire).unwrap();
+        let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        let mut got = Vec::new();
+        for piece in wire.chunks(40_000) {
+            dec.push(piece);
+            while let Some(m) = dec.next::<ToWorker>("ToWorker").unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, vec![message, ToWorker::Heartbeat { seq: 1 }]);
+        assert_eq!(dec.buffered(), 0);
+        // The decoded arguments live in the buffer the frame arrived in, not in a copy.
+        let decoded = args_of(&got[0]);
+        assert_eq!(decoded, &args);
+        assert_ne!(decoded.as_ptr(), args.as_ptr());
+    }
+
+    #[test]
+    fn small_arguments_make_one_chunk() {
+        let message = submit(Bytes::from_static(b"tiny"));
+        let chunks = frame_chunks(&message).unwrap();
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[0], frame(&message).unwrap());
     }
 
     #[test]

@@ -15,9 +15,9 @@ pub enum ToExecutor {
         id: u64,
         /// Registered name.
         name: String,
-        /// Encoded arguments.
-        #[serde(with = "serde_bytes")]
-        args: Vec<u8>,
+        /// Encoded arguments (shared, not copied, into large frames: see `codec::shared_bytes`).
+        #[serde(with = "crate::codec::shared_bytes")]
+        args: bytes::Bytes,
         /// Node facts for the task context; `None`: the same as the last call on this connection
         /// that carried them (the worker sends them again only when they change).
         #[serde(with = "crate::message::shared_opt")]

@@ -96,9 +96,10 @@ pub enum TaskKind {
         name: String,
         /// The executable that registers it; the node must hold it.
         binary: BinaryHash,
-        /// serde-encoded arguments.
-        #[serde(with = "serde_bytes")]
-        args: Vec<u8>,
+        /// serde-encoded arguments; shared by every copy of the task (a broadcast's nodes, the
+        /// session's record for resume) and not copied into large frames (`codec::shared_bytes`).
+        #[serde(with = "crate::codec::shared_bytes")]
+        args: bytes::Bytes,
         /// Whether the function yields a stream of items.
         streaming: bool,
     },

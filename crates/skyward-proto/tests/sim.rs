@@ -208,7 +208,7 @@ fn spec_for(plan: &TaskPlan, window: u32) -> TaskSpec {
     // The runtime reads its instructions back out of the encoded arguments, so they cross the wire.
     let args = codec::to_bytes(&(plan.work.as_micros() as u64, plan.items)).expect("args encode");
     TaskSpec {
-        kind: TaskKind::Function { name: "sim::task".into(), binary: BinaryHash([7; 32]), args, streaming: plan.items > 0 },
+        kind: TaskKind::Function { name: "sim::task".into(), binary: BinaryHash([7; 32]), args: args.into(), streaming: plan.items > 0 },
         members: Some(MembersUpdate { rank: 0, epoch: 1, base: None, set: vec![(0, "127.0.0.1".into())], removed: Vec::new() }),
         info: None,
         initial_credit: window,
