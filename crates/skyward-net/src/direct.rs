@@ -13,7 +13,7 @@
 
 use bytes::Bytes;
 use serde::Serialize;
-use skyward_proto::codec;
+use skyward_proto::codec::{self, Frame};
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -117,34 +117,58 @@ impl<W: AsyncWrite + Unpin + Send + 'static> DirectWriter<W> {
 
     /// Send one frame holding `message`.
     pub fn send<T: Serialize>(&self, message: &T) -> Result<(), WriterClosed> {
-        let mut chunks = codec::frame_chunks(message).map_err(|_| WriterClosed)?.into_iter();
+        let frame = codec::frame_chunks(message).map_err(|_| WriterClosed)?;
         let mut state = self.shared.state.lock().expect("writer lock");
         if state.closed {
             return Err(WriterClosed);
         }
-        if !state.flushing && state.backlog.is_empty() {
-            // A no-op waker: if the stream is full, the writer task polls again with its own.
-            let mut cx = Context::from_waker(Waker::noop());
-            loop {
-                let Some(chunk) = chunks.next() else { return Ok(()) };
-                match Pin::new(&mut state.stream).poll_write(&mut cx, &chunk) {
-                    Poll::Ready(Ok(n)) if n == chunk.len() => continue,
-                    Poll::Ready(Ok(n)) => state.backlog.push(chunk.slice(n..)),
-                    Poll::Pending => state.backlog.push(chunk),
-                    Poll::Ready(Err(_)) => {
-                        state.closed = true;
-                        return Err(WriterClosed);
+        let direct = !state.flushing && state.backlog.is_empty();
+        match frame {
+            Frame::Whole(frame) => {
+                let written = if direct { state.write_now(&frame)? } else { 0 };
+                if written == frame.len() {
+                    return Ok(());
+                }
+                state.backlog.tail.extend_from_slice(&frame[written..]);
+            }
+            Frame::Chunks(chunks) => {
+                let mut chunks = chunks.into_iter();
+                if direct {
+                    for chunk in chunks.by_ref() {
+                        let written = state.write_now(&chunk)?;
+                        if written < chunk.len() {
+                            state.backlog.push(chunk.slice(written..));
+                            break;
+                        }
                     }
                 }
-                break;
+                for chunk in chunks {
+                    state.backlog.push(chunk);
+                }
+                if state.backlog.is_empty() {
+                    return Ok(());
+                }
             }
-        }
-        for chunk in chunks {
-            state.backlog.push(chunk);
         }
         drop(state);
         self.shared.wake.notify_one();
         Ok(())
+    }
+}
+
+impl<W: AsyncWrite + Unpin> State<W> {
+    /// Write what the stream takes now, without waiting; how many bytes it took.
+    fn write_now(&mut self, bytes: &[u8]) -> Result<usize, WriterClosed> {
+        // A no-op waker: if the stream is full, the writer task polls again with its own.
+        let mut cx = Context::from_waker(Waker::noop());
+        match Pin::new(&mut self.stream).poll_write(&mut cx, bytes) {
+            Poll::Ready(Ok(n)) => Ok(n),
+            Poll::Pending => Ok(0),
+            Poll::Ready(Err(_)) => {
+                self.closed = true;
+                Err(WriterClosed)
+            }
+        }
     }
 }
 

@@ -78,7 +78,7 @@ pub async fn write_frames<T: Serialize>(send: &mut quinn::SendStream, messages: 
 /// Write one frame holding `message`; its large shared fields (a task's arguments) go to quinn
 /// by reference (`codec::frame_chunks`), not copied.
 pub async fn write_frame_shared<T: Serialize>(send: &mut quinn::SendStream, message: &T) -> Result<(), WriteError> {
-    let mut chunks = codec::frame_chunks(message)?;
+    let mut chunks = codec::frame_chunks(message)?.into_chunks();
     send.write_all_chunks(&mut chunks).await?;
     Ok(())
 }

@@ -135,13 +135,33 @@ impl postcard::ser_flavors::Flavor for ChunkFlavor {
     }
 }
 
-/// One frame holding `message`, as chunks to write in order: large [`shared_bytes`] fields are
-/// chunks of their own that share the field's memory (no copy); everything else is copied.
-/// A message without such fields gives one chunk, the same bytes as [`frame`].
-pub fn frame_chunks<T: Serialize + ?Sized>(message: &T) -> Result<Vec<Bytes>, ProtocolError> {
+/// A frame built by [`frame_chunks`].
+#[derive(Debug)]
+pub enum Frame {
+    /// The whole frame in one buffer (no large shared field: the common, small case).
+    Whole(Vec<u8>),
+    /// Chunks to write in order; the large shared fields are chunks of their own.
+    Chunks(Vec<Bytes>),
+}
+
+impl Frame {
+    /// The frame as chunks to write in order.
+    pub fn into_chunks(self) -> Vec<Bytes> {
+        match self {
+            Frame::Whole(v) => vec![Bytes::from(v)],
+            Frame::Chunks(c) => c,
+        }
+    }
+}
+
+/// One frame holding `message`: large [`shared_bytes`] fields become chunks of their own that
+/// share the field's memory (no copy); everything else is copied. A message without such fields
+/// gives [`Frame::Whole`], the same bytes as [`frame`].
+pub fn frame_chunks<T: Serialize + ?Sized>(message: &T) -> Result<Frame, ProtocolError> {
     ENCODING.with(|e| *e.borrow_mut() = Some(Vec::new()));
-    let flavor = ChunkFlavor { pieces: Vec::new(), current: vec![0; HEADER_LEN] };
-    let result = postcard::serialize_with_flavor(message, flavor);
+    let mut current = Vec::with_capacity(64);
+    current.extend_from_slice(&[0; HEADER_LEN]);
+    let result = postcard::serialize_with_flavor(message, ChunkFlavor { pieces: Vec::new(), current });
     ENCODING.with(|e| *e.borrow_mut() = None);
     let mut pieces = result.map_err(|e| ProtocolError::Malformed { what: "outgoing", reason: e.to_string() })?;
     let total: usize = pieces
@@ -156,14 +176,21 @@ pub fn frame_chunks<T: Serialize + ?Sized>(message: &T) -> Result<Vec<Bytes>, Pr
     if let Some(Piece::Own(head)) = pieces.first_mut() {
         head[..HEADER_LEN].copy_from_slice(&len32.to_le_bytes());
     }
-    Ok(pieces
-        .into_iter()
-        .filter_map(|p| match p {
-            Piece::Own(v) if v.is_empty() => None,
-            Piece::Own(v) => Some(Bytes::from(v)),
-            Piece::Shared(b) => Some(b),
-        })
-        .collect())
+    if let [Piece::Own(_)] = pieces.as_slice()
+        && let Some(Piece::Own(whole)) = pieces.pop()
+    {
+        return Ok(Frame::Whole(whole));
+    }
+    Ok(Frame::Chunks(
+        pieces
+            .into_iter()
+            .filter_map(|p| match p {
+                Piece::Own(v) if v.is_empty() => None,
+                Piece::Own(v) => Some(Bytes::from(v)),
+                Piece::Shared(b) => Some(b),
+            })
+            .collect(),
+    ))
 }
 
 /// Decode `frame` (a frame's payload held as `Bytes`): [`shared_bytes`] fields borrow its memory.
@@ -350,7 +377,7 @@ mod tests {
     fn large_arguments_are_shared_into_the_frame_and_out_of_it() {
         let args = Bytes::from((0..SHARED_MIN * 3).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
         let message = submit(args.clone());
-        let chunks = frame_chunks(&message).unwrap();
+        let chunks = frame_chunks(&message).unwrap().into_chunks();
         // Same bytes as the copying encoder, and the arguments are a chunk of their own that is
         // the caller's memory.
         assert_eq!(chunks.concat(), frame(&message).unwrap());
@@ -378,9 +405,8 @@ mod tests {
     #[test]
     fn small_arguments_make_one_chunk() {
         let message = submit(Bytes::from_static(b"tiny"));
-        let chunks = frame_chunks(&message).unwrap();
-        assert_eq!(chunks.len(), 1);
-        assert_eq!(chunks[0], frame(&message).unwrap());
+        let Frame::Whole(whole) = frame_chunks(&message).unwrap() else { panic!("small frames are whole") };
+        assert_eq!(whole, frame(&message).unwrap());
     }
 
     #[test]
