@@ -95,7 +95,7 @@ async fn every_api_on_three_nodes(mode: Mode) -> anyhow::Result<()> {
     let want = (data.len(), checksum(&data));
     let seen = pool.broadcast(digest(serde_bytes::ByteBuf::from(data.clone()))).await?;
     anyhow::ensure!(seen == vec![want; 3], "a node saw different bytes: {seen:?} (want {want:?})");
-    // several large calls at once on each node: their frames queue behind each other, in order
+    // several large calls at once on each node, each with its own bytes: none sees another's
     let inputs: Vec<Vec<u8>> = (0..9u8).map(|k| data.iter().map(|b| b.wrapping_add(k)).collect()).collect();
     let wants: Vec<(usize, u64)> = inputs.iter().map(|d| (d.len(), checksum(d))).collect();
     let seen = pool.gather(inputs.into_iter().map(|d| digest(serde_bytes::ByteBuf::from(d)))).await?;

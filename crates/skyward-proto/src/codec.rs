@@ -396,10 +396,17 @@ mod tests {
         }
         assert_eq!(got, vec![message, ToWorker::Heartbeat { seq: 1 }]);
         assert_eq!(dec.buffered(), 0);
-        // The decoded arguments live in the buffer the frame arrived in, not in a copy.
-        let decoded = args_of(&got[0]);
+
+        // Decoded in place: the arguments are the decoder's own buffer, not a copy out of it.
+        let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        dec.push(&wire);
+        let (base, len) = (dec.buf.as_ptr() as usize, dec.buf.len());
+        let first = dec.next::<ToWorker>("ToWorker").unwrap().expect("a whole frame");
+        let decoded = args_of(&first);
         assert_eq!(decoded, &args);
-        assert_ne!(decoded.as_ptr(), args.as_ptr());
+        let at = decoded.as_ptr() as usize;
+        assert!(at >= base && at + decoded.len() <= base + len, "arguments were copied out of the frame");
+        assert_eq!(dec.next::<ToWorker>("ToWorker").unwrap(), Some(ToWorker::Heartbeat { seq: 1 }));
     }
 
     #[test]
