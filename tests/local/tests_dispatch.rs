@@ -56,6 +56,14 @@ async fn slow_echo(ms: u64, value: u32) -> u32 {
     value
 }
 
+/// `value` after `ms`, or an error for `value == fail`.
+#[skyward::function]
+async fn echo_or_fail(ms: u64, value: u32, fail: u32) -> anyhow::Result<u32> {
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    anyhow::ensure!(value != fail, "call {value} fails");
+    Ok(value)
+}
+
 #[skyward::function]
 async fn count_to(n: u32) -> impl futures::Stream<Item = u32> + Send + 'static {
     futures::stream::iter(0..n)
@@ -66,6 +74,7 @@ pub(crate) fn trials() -> Vec<Trial> {
         Trial::test("dispatch::every_api_on_three_nodes", || block_on(every_api_on_three_nodes(Mode::Cluster))),
         Trial::test("dispatch::every_api_on_three_nodes_standalone", || block_on(every_api_on_three_nodes(Mode::Standalone))),
         Trial::test("dispatch::commands_stream_output_and_fail_clearly", || block_on(commands())),
+        Trial::test("dispatch::gather_keeps_a_window_of_calls_in_flight", || block_on(gather_window())),
         Trial::test("dispatch::binary_travels_over_quic_when_not_staged", || block_on(upload_path())),
     ]
 }
@@ -186,6 +195,63 @@ async fn commands() -> anyhow::Result<()> {
         anyhow::ensure!(std::time::Instant::now() < deadline, "processes of a timed-out command survived");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    pool.shutdown().await?;
+    assert_no_workers(&id)
+}
+
+/// A gather of more calls than `max_in_flight` never has more submitted and unfinished than the
+/// window (sampled from the task counters while it runs), fills it, and keeps results in order.
+async fn gather_window() -> anyhow::Result<()> {
+    const WINDOW: usize = 3;
+    let options = skyward::Options { max_in_flight: WINDOW, ..Mode::Cluster.options() };
+    let pool = skyward::Compute::new(skyward::Local::default())
+        .nodes(2)
+        .worker(skyward::Worker { concurrency: 4 })
+        .options(options)
+        .start()
+        .await?;
+    let id = pool.pool_id().to_string();
+    let before = pool.stats().await?.finished;
+    let (values, most, samples) = {
+        let gather = pool.gather((0..30).map(|i| slow_echo(15, i)));
+        tokio::pin!(gather);
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(2));
+        let (mut most, mut samples) = (0, 0);
+        loop {
+            tokio::select! {
+                biased;
+                values = &mut gather => break (values?, most, samples),
+                _ = tick.tick() => {
+                    let s = pool.stats().await?;
+                    most = most.max(s.queued + s.running);
+                    samples += 1;
+                    anyhow::ensure!(samples < 100_000, "gather did not finish");
+                }
+            }
+        }
+    };
+    anyhow::ensure!(values == (0..30).collect::<Vec<u32>>(), "gather results out of order: {values:?}");
+    anyhow::ensure!(most <= WINDOW, "{most} calls in flight with a window of {WINDOW} (8 slots free)");
+    anyhow::ensure!(most == WINDOW, "the window was never full (at most {most} in flight over {samples} samples)");
+    anyhow::ensure!(pool.stats().await?.finished - before == 30, "a call ran twice or not at all");
+    // The first failure ends the gather: calls past the window are never submitted.
+    let before = pool.stats().await?.finished;
+    let err = pool.gather((0..30).map(|i| echo_or_fail(5, i, 2))).await.expect_err("call 2 fails");
+    anyhow::ensure!(err.to_string().contains("call 2 fails"), "error was: {err:#}");
+    // Submitted = finished + still queued or running (cancelled ones move, the sum stays).
+    let s = pool.stats().await?;
+    let submitted = s.finished - before + (s.queued + s.running) as u64;
+    anyhow::ensure!(submitted <= (2 + WINDOW) as u64, "{submitted} calls submitted by a gather that failed at its third");
+    // As completed: every index once, also past the first window.
+    let mut seen: Vec<usize> = pool
+        .gather_unordered((0..10).map(|i| slow_echo(1, i)))
+        .map(|(i, r)| r.map(|_| i))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    seen.sort_unstable();
+    anyhow::ensure!(seen == (0..10).collect::<Vec<_>>(), "gather_unordered yielded {seen:?}");
     pool.shutdown().await?;
     assert_no_workers(&id)
 }

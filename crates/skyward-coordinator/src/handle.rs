@@ -138,6 +138,42 @@ pub struct Pool {
     inner: Arc<Inner>,
 }
 
+impl Inner {
+    fn enqueue(&self, kind: TaskKind, dispatch: Dispatch, sinks: TaskSinks) -> (TaskId, oneshot::Receiver<Done>) {
+        let id = TaskId(self.next_task.fetch_add(1, Ordering::Relaxed));
+        let (reply, rx) = oneshot::channel();
+        let request = TaskRequest {
+            id,
+            kind,
+            placement: dispatch.placement,
+            timeout: dispatch.timeout.or(self.shared.options.default_task_timeout),
+            reply,
+            sinks,
+            initial_credit: self.shared.options.stream_window,
+        };
+        if let Err(ractor::MessagingErr::SendErr(TmMsg::Submit(request))) = self.tm.cast(TmMsg::Submit(Box::new(request))) {
+            let _ = request.reply.send(Done { result: Err(TaskError::PoolClosed), rank: None });
+        }
+        (id, rx)
+    }
+
+    fn function_kind<R>(&self, call: &Call<R>, streaming: bool) -> Result<TaskKind, Error> {
+        let args = call.args_shared().map_err(|e| Error::Codec(Box::new(e.clone())))?;
+        Ok(TaskKind::Function { name: call.name().to_string(), binary: self.shared.binary.hash, args, streaming })
+    }
+
+    fn submit_with<R: DeserializeOwned>(&self, call: Call<R>, dispatch: Dispatch) -> TaskHandle<R> {
+        let name = call.name();
+        match self.function_kind(&call, false) {
+            Ok(kind) => {
+                let (id, rx) = self.enqueue(kind, dispatch, TaskSinks::default());
+                TaskHandle { id: Some(id), name, rx: Some(rx), early: None, tm: self.tm.clone(), _r: PhantomData }
+            }
+            Err(e) => TaskHandle { id: None, name, rx: None, early: Some(e), tm: self.tm.clone(), _r: PhantomData },
+        }
+    }
+}
+
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool").field("pool_id", &self.inner.shared.pool_id).finish_non_exhaustive()
@@ -326,43 +362,21 @@ impl Pool {
     }
 
     fn enqueue(&self, kind: TaskKind, dispatch: Dispatch, sinks: TaskSinks) -> (TaskId, oneshot::Receiver<Done>) {
-        let id = TaskId(self.inner.next_task.fetch_add(1, Ordering::Relaxed));
-        let (reply, rx) = oneshot::channel();
-        let request = TaskRequest {
-            id,
-            kind,
-            placement: dispatch.placement,
-            timeout: dispatch.timeout.or(self.inner.shared.options.default_task_timeout),
-            reply,
-            sinks,
-            initial_credit: self.inner.shared.options.stream_window,
-        };
-        if let Err(ractor::MessagingErr::SendErr(TmMsg::Submit(request))) = self.inner.tm.cast(TmMsg::Submit(Box::new(request))) {
-            let _ = request.reply.send(Done { result: Err(TaskError::PoolClosed), rank: None });
-        }
-        (id, rx)
+        self.inner.enqueue(kind, dispatch, sinks)
     }
 
     fn function_kind<R>(&self, call: &Call<R>, streaming: bool) -> Result<TaskKind, Error> {
-        let args = call.args_shared().map_err(|e| Error::Codec(Box::new(e.clone())))?;
-        Ok(TaskKind::Function { name: call.name().to_string(), binary: self.inner.shared.binary.hash, args, streaming })
+        self.inner.function_kind(call, streaming)
     }
 
     /// Submit `call` without waiting; await the handle for its result or cancel it.
     pub fn submit<R: DeserializeOwned>(&self, call: Call<R>) -> TaskHandle<R> {
-        self.submit_with(call, Dispatch { placement: Placement::Any, timeout: None })
+        self.inner.submit_with(call, Dispatch { placement: Placement::Any, timeout: None })
     }
 
     /// Submit `call` with explicit placement and timeout.
     pub fn submit_with<R: DeserializeOwned>(&self, call: Call<R>, dispatch: Dispatch) -> TaskHandle<R> {
-        let name = call.name().to_string();
-        match self.function_kind(&call, false) {
-            Ok(kind) => {
-                let (id, rx) = self.enqueue(kind, dispatch, TaskSinks::default());
-                TaskHandle { id: Some(id), name, rx: Some(rx), early: None, tm: self.inner.tm.clone(), _r: PhantomData }
-            }
-            Err(e) => TaskHandle { id: None, name, rx: None, early: Some(e), tm: self.inner.tm.clone(), _r: PhantomData },
-        }
+        self.inner.submit_with(call, dispatch)
     }
 
     /// Run `call` on one node (round robin over nodes with a free slot) and wait for its result.
@@ -386,26 +400,36 @@ impl Pool {
     }
 
     /// Run every call (round robin); results in the order of `calls`. The first failure is returned
-    /// and the calls still running are cancelled.
+    /// and the calls still running are cancelled; calls not yet submitted are never submitted.
+    ///
+    /// At most [`Options::max_in_flight`](crate::Options::max_in_flight) calls are submitted and
+    /// unfinished at once; the next is submitted as one finishes, so a gather of millions of calls
+    /// holds the coordinator's memory to that window. `calls` is consumed as the window moves.
     pub async fn gather<R: DeserializeOwned>(&self, calls: impl IntoIterator<Item = Call<R>>) -> Result<Vec<R>, Error> {
-        let handles: Vec<_> = calls.into_iter().map(|c| self.submit(c)).collect();
-        futures::future::try_join_all(handles).await
+        use futures::StreamExt;
+        let calls = calls.into_iter();
+        let mut results: Vec<Option<R>> = Vec::with_capacity(calls.size_hint().0);
+        let mut running = InFlight::new(Arc::clone(&self.inner), calls);
+        while let Some((i, result)) = running.next().await {
+            if results.len() <= i {
+                results.resize_with(i + 1, || None);
+            }
+            results[i] = Some(result?);
+        }
+        // The stream yields each submitted index once, and indices are dense from 0.
+        Ok(results.into_iter().map(|r| r.expect("every submitted call yields its result")).collect())
     }
 
-    /// Run every call; yield `(index, result)` as each completes.
-    pub fn gather_unordered<R: DeserializeOwned + Send + 'static>(
-        &self,
-        calls: impl IntoIterator<Item = Call<R>>,
-    ) -> impl Stream<Item = (usize, Result<R, Error>)> + Send + 'static {
-        let futures: futures::stream::FuturesUnordered<_> = calls
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let h = self.submit(c);
-                async move { (i, h.await) }
-            })
-            .collect();
-        futures
+    /// Run every call; yield `(index, result)` as each completes. The first window of calls (see
+    /// [`Pool::gather`]) is submitted at once; the rest as results are taken from the stream.
+    /// Dropping the stream cancels the calls still running.
+    pub fn gather_unordered<R, I>(&self, calls: I) -> impl Stream<Item = (usize, Result<R, Error>)> + Send + 'static
+    where
+        R: DeserializeOwned + Send + 'static,
+        I: IntoIterator<Item = Call<R>>,
+        I::IntoIter: Send + 'static,
+    {
+        InFlight::new(Arc::clone(&self.inner), calls.into_iter())
     }
 
     /// Run different functions at once and get their typed results as a tuple.
@@ -417,7 +441,7 @@ impl Pool {
     /// (the node runs at most `Options::stream_window` items ahead of the consumer).
     pub fn stream<T: DeserializeOwned>(&self, call: StreamCall<T>) -> TaskStream<T> {
         let call = call.as_call();
-        let name = call.name().to_string();
+        let name = call.name();
         let (items_tx, items) = mpsc::unbounded_channel();
         let window = self.inner.shared.options.stream_window;
         match self.function_kind(call, true) {
@@ -554,10 +578,65 @@ impl Drop for Pool {
     }
 }
 
+/// The calls of one `gather`: at most `window` submitted and unfinished; the next one is
+/// submitted as one finishes (and the first window when the stream is made). Yields
+/// `(index in calls, result)` in completion order; dropping it cancels what is still running.
+struct InFlight<I, R> {
+    /// Boxed so that the stream is `Unpin` whatever the iterator.
+    calls: Box<std::iter::Enumerate<I>>,
+    running: futures::stream::FuturesUnordered<Indexed<R>>,
+    inner: Arc<Inner>,
+    window: usize,
+}
+
+impl<I: Iterator<Item = Call<R>>, R: DeserializeOwned> InFlight<I, R> {
+    fn new(inner: Arc<Inner>, calls: I) -> Self {
+        let window = inner.shared.options.max_in_flight.max(1);
+        let mut this = Self { calls: Box::new(calls.enumerate()), running: Default::default(), inner, window };
+        this.fill();
+        this
+    }
+
+    fn fill(&mut self) {
+        while self.running.len() < self.window {
+            let Some((i, call)) = self.calls.next() else { break };
+            self.running.push(Indexed(i, self.inner.submit_with(call, Dispatch { placement: Placement::Any, timeout: None })));
+        }
+    }
+}
+
+impl<I: Iterator<Item = Call<R>>, R: DeserializeOwned> Stream for InFlight<I, R> {
+    type Item = (usize, Result<R, Error>);
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        use futures::StreamExt;
+        let this = self.get_mut();
+        this.fill();
+        // `running` is empty only once `calls` is exhausted (fill ran just before): then done.
+        let item = std::task::ready!(this.running.poll_next_unpin(cx));
+        // Keep the window full even while the consumer is busy with this item.
+        this.fill();
+        Poll::Ready(item)
+    }
+}
+
+/// A task handle with the index of its call.
+struct Indexed<R>(usize, TaskHandle<R>);
+
+impl<R: DeserializeOwned> Future for Indexed<R> {
+    type Output = (usize, Result<R, Error>);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let result = std::task::ready!(Pin::new(&mut this.1).poll(cx));
+        Poll::Ready((this.0, result))
+    }
+}
+
 /// A submitted task: await it for the result, or cancel it.
 pub struct TaskHandle<R> {
     id: Option<TaskId>,
-    name: String,
+    name: &'static str,
     rx: Option<oneshot::Receiver<Done>>,
     early: Option<Error>,
     tm: ActorRef<TmMsg>,
@@ -621,8 +700,8 @@ impl<R: DeserializeOwned> Future for TaskHandle<R> {
                 let done = done.unwrap_or(Done { result: Err(TaskError::PoolClosed), rank: None });
                 let task = this.id.unwrap_or(TaskId(0));
                 Poll::Ready(match done.result {
-                    Ok(bytes) => decode(&this.name, &bytes),
-                    Err(source) => Err(Error::Task { task, function: this.name.clone(), rank: done.rank, source: Box::new(source) }),
+                    Ok(bytes) => decode(this.name, &bytes),
+                    Err(source) => Err(Error::Task { task, function: this.name.to_string(), rank: done.rank, source: Box::new(source) }),
                 })
             }
         }
@@ -632,7 +711,7 @@ impl<R: DeserializeOwned> Future for TaskHandle<R> {
 /// Items of a streaming task as they arrive. Dropping it cancels the task.
 pub struct TaskStream<T> {
     id: Option<TaskId>,
-    name: String,
+    name: &'static str,
     items: mpsc::UnboundedReceiver<Vec<u8>>,
     done: Option<oneshot::Receiver<Done>>,
     early: Option<Error>,
@@ -670,7 +749,7 @@ impl<T: DeserializeOwned> Stream for TaskStream<T> {
                 let _ = this.tm.cast(TmMsg::Credit { task, items: this.consumed });
                 this.consumed = 0;
             }
-            return Poll::Ready(Some(decode(&this.name, &bytes)));
+            return Poll::Ready(Some(decode(this.name, &bytes)));
         }
         let Some(done_rx) = this.done.as_mut() else {
             this.finished = true;
@@ -686,12 +765,12 @@ impl<T: DeserializeOwned> Stream for TaskStream<T> {
                     if let Err(source) = result {
                         this.early = Some(Error::Task {
                             task: this.id.unwrap_or(TaskId(0)),
-                            function: this.name.clone(),
+                            function: this.name.to_string(),
                             rank: None,
                             source: Box::new(source),
                         });
                     }
-                    return Poll::Ready(Some(decode(&this.name, &bytes)));
+                    return Poll::Ready(Some(decode(this.name, &bytes)));
                 }
                 this.done = None;
                 this.finished = true;
@@ -700,7 +779,7 @@ impl<T: DeserializeOwned> Stream for TaskStream<T> {
                     Ok(_) => Poll::Ready(None),
                     Err(source) => Poll::Ready(Some(Err(Error::Task {
                         task: this.id.unwrap_or(TaskId(0)),
-                        function: this.name.clone(),
+                        function: this.name.to_string(),
                         rank: done.rank,
                         source: Box::new(source),
                     }))),

@@ -74,6 +74,10 @@ pub struct Options {
     pub connect_timeout: Duration,
     /// Stream items a streaming task may send ahead of the consumer.
     pub stream_window: u32,
+    /// Most calls one `gather` or `gather_unordered` keeps submitted and unfinished at once; the
+    /// rest are submitted as results come back. Bounds the coordinator's memory for huge gathers
+    /// (about 1.5 KB per call in flight); keep it well above the pool's task slots.
+    pub max_in_flight: usize,
 }
 
 impl Default for Options {
@@ -91,6 +95,7 @@ impl Default for Options {
             upload_timeout: Duration::from_secs(600),
             connect_timeout: Duration::from_secs(300),
             stream_window: 64,
+            max_in_flight: 16_384,
         }
     }
 }
