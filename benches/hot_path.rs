@@ -21,7 +21,7 @@ const POOL: &str = "sky-bench";
 /// with the next task on each lane, not with every task).
 fn spec(name: &str) -> TaskSpec {
     TaskSpec {
-        kind: TaskKind::Function { name: name.into(), binary: BinaryHash([7; 32]), args: bytes::Bytes::new(), streaming: false },
+        kind: TaskKind::Function { name: name.into(), binary: BinaryHash([7; 32]), args: bytes::Bytes::new().into(), streaming: false },
         members: None,
         info: None,
         initial_credit: 64,

@@ -221,24 +221,39 @@ async fn two_workers(sizes: Sizes) -> Vec<Value> {
 /// One argument of `broadcast_bytes` to each of 4 workers: aggregate GB/s from the call to the
 /// last answer.
 async fn broadcast(sizes: Sizes) -> Value {
-    let pool = Compute::new(Local::default()).nodes(4).start().await.expect("pool");
-    pool.broadcast(noop()).await.expect("warm up");
     let data: Vec<u8> = (0..sizes.broadcast_bytes).map(|i| (i % 251) as u8).collect();
     let want = data.iter().step_by(4096).map(|b| *b as u64).sum::<u64>() + data.len() as u64;
-    let (mut rates, mut seconds) = (Vec::new(), Vec::new());
-    for _ in 0..sizes.reps {
-        let t = Instant::now();
-        let got = pool.broadcast(consume(serde_bytes::ByteBuf::from(data.clone()))).await.expect("broadcast");
-        let s = t.elapsed().as_secs_f64();
-        assert!(got.iter().all(|g| *g == want), "a node saw different bytes");
-        seconds.push(s);
-        rates.push(4.0 * sizes.broadcast_bytes as f64 / s / 1e9);
+    let (mut rates, mut seconds, mut quic_rates) = (Vec::new(), Vec::new(), Vec::new());
+    // Local nodes take it through shared memory; then the same with that off: over QUIC, as
+    // nodes on other machines get it.
+    for shared_memory in [true, false] {
+        let options = skyward::Options { shared_memory_args: shared_memory, ..skyward::Options::default() };
+        let pool = Compute::new(Local::default()).nodes(4).options(options).start().await.expect("pool");
+        pool.broadcast(noop()).await.expect("warm up");
+        for _ in 0..sizes.reps {
+            let t = Instant::now();
+            let got = pool.broadcast(consume(serde_bytes::ByteBuf::from(data.clone()))).await.expect("broadcast");
+            let s = t.elapsed().as_secs_f64();
+            assert!(got.iter().all(|g| *g == want), "a node saw different bytes");
+            let rate = 4.0 * sizes.broadcast_bytes as f64 / s / 1e9;
+            if shared_memory {
+                seconds.push(s);
+                rates.push(rate);
+            } else {
+                quic_rates.push(rate);
+            }
+        }
+        let through_memory = pool.stats().await.expect("stats").shared_memory_args;
+        assert_eq!(through_memory > 0, shared_memory, "shared memory used: {through_memory} dispatches");
+        pool.shutdown().await.expect("shutdown");
     }
-    pool.shutdown().await.expect("shutdown");
     scenario(
         "broadcast_256mib_4_workers",
-        &[("gb_per_s", rates), ("seconds", seconds)],
-        Some(format!("{} MiB to each of 4 nodes over QUIC, once per node", sizes.broadcast_bytes >> 20)),
+        &[("gb_per_s", rates), ("seconds", seconds), ("gb_per_s_over_quic", quic_rates)],
+        Some(format!(
+            "{} MiB to each of 4 Local nodes: written once into shared memory, mapped by each node's executor; over_quic: the same with shared memory off (once per node, as to other machines)",
+            sizes.broadcast_bytes >> 20
+        )),
     )
 }
 
@@ -463,6 +478,15 @@ const METRICS: &[MetricSpec] = &[
         unit: "GB/s",
         higher_is_better: true,
         target: Some(1.0),
+        ratio_target: None,
+    },
+    MetricSpec {
+        scenario: "broadcast_256mib_4_workers",
+        metric: "gb_per_s_over_quic",
+        title: "broadcast 256 MiB to 4 workers, shared memory off (QUIC)",
+        unit: "GB/s",
+        higher_is_better: true,
+        target: None,
         ratio_target: None,
     },
     MetricSpec {

@@ -1,7 +1,7 @@
 //! Dispatch: run, run_on, broadcast, join, gather (ordered and as completed), submit, stream,
 //! commands, instance_info and shard inside tasks.
 
-use crate::support::{Mode, assert_no_workers, block_on, pool, pool_in_mode};
+use crate::support::{Mode, assert_no_workers, block_on, pool};
 use futures::StreamExt;
 use libtest_mimic::Trial;
 use serde::{Deserialize, Serialize};
@@ -80,7 +80,16 @@ pub(crate) fn trials() -> Vec<Trial> {
 }
 
 async fn every_api_on_three_nodes(mode: Mode) -> anyhow::Result<()> {
-    let pool = pool_in_mode(3, 4, mode).await?;
+    // Large arguments reach these nodes (on this machine) through shared memory in cluster mode;
+    // standalone mode turns that off, so the inline path (chunked frames) is covered too.
+    let shared_memory = mode == Mode::Cluster;
+    let options = skyward::Options { shared_memory_args: shared_memory, ..mode.options() };
+    let pool = skyward::Compute::new(skyward::Local::default())
+        .nodes(3)
+        .worker(skyward::Worker { concurrency: 4 })
+        .options(options)
+        .start()
+        .await?;
     let id = pool.pool_id().to_string();
     anyhow::ensure!(pool.node_count() == 3, "three nodes");
 
@@ -98,8 +107,10 @@ async fn every_api_on_three_nodes(mode: Mode) -> anyhow::Result<()> {
     let all = pool.broadcast(rank_and_count()).await?;
     anyhow::ensure!(all == vec![(0, 3, 3), (1, 3, 3), (2, 3, 3)], "broadcast gave {all:?}");
 
-    // large arguments: shared by every node's task and written to the stream and the executor
-    // socket in chunks (bigger than the socket buffers, so the writers' backlog carries them)
+    // large arguments: shared by every node's task and either put in shared memory once or
+    // written to the stream and the executor socket in chunks (bigger than the socket buffers,
+    // so the writers' backlog carries them)
+    let through_memory = pool.stats().await?.shared_memory_args;
     let data: Vec<u8> = (0..5_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
     let want = (data.len(), checksum(&data));
     let seen = pool.broadcast(digest(serde_bytes::ByteBuf::from(data.clone()))).await?;
@@ -109,6 +120,12 @@ async fn every_api_on_three_nodes(mode: Mode) -> anyhow::Result<()> {
     let wants: Vec<(usize, u64)> = inputs.iter().map(|d| (d.len(), checksum(d))).collect();
     let seen = pool.gather(inputs.into_iter().map(|d| digest(serde_bytes::ByteBuf::from(d)))).await?;
     anyhow::ensure!(seen == wants, "concurrent large calls mixed up: {seen:?} (want {wants:?})");
+    let through_memory = pool.stats().await?.shared_memory_args - through_memory;
+    let expected = if shared_memory { 12 } else { 0 };
+    anyhow::ensure!(through_memory == expected, "{through_memory} large calls went through shared memory, not {expected}");
+    // Every task has its result: no shared-memory object is left open.
+    let open = pool.stats().await?.shared_memory_objects;
+    anyhow::ensure!(open == 0, "{open} shared-memory argument objects still open after their tasks");
 
     // shard inside tasks: the union over ranks is the data set, once
     let mut shards: Vec<u64> = pool.broadcast(my_shard(10)).await?.into_iter().flatten().collect();

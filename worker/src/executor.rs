@@ -7,7 +7,7 @@ use skyward_net::UnixFrameWriter;
 use skyward_proto::codec::{self, FrameDecoder};
 use skyward_proto::error::{RemoteError, RemoteErrorKind};
 use skyward_proto::exec::{ENV_EXECUTOR_SOCKET, ENV_ROLE, FromExecutor, ROLE_EXECUTOR, ToExecutor};
-use skyward_proto::message::{BinaryHash, InstanceInfo};
+use skyward_proto::message::{Args, BinaryHash, InstanceInfo};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -138,12 +138,12 @@ impl Caller {
         self,
         id: u64,
         name: String,
-        args: bytes::Bytes,
+        args: Args,
         info: Arc<InstanceInfo>,
         streaming: bool,
         credit: u32,
         waiter: Waiter,
-    ) -> Result<Arc<CallControl>, (String, bytes::Bytes, Waiter)> {
+    ) -> Result<Arc<CallControl>, (String, Args, Waiter)> {
         self.waiters.lock().expect("waiters").insert(id, waiter);
         let (message, sent) = {
             // Compare and send under one lock: the executor applies `None` to the call before it.
@@ -235,7 +235,7 @@ impl Executors {
         &self,
         hash: BinaryHash,
         name: String,
-        args: bytes::Bytes,
+        args: Args,
         info: Arc<InstanceInfo>,
         streaming: bool,
         credit: u32,
@@ -266,10 +266,10 @@ impl Executors {
         &self,
         hash: BinaryHash,
         name: String,
-        args: bytes::Bytes,
+        args: Args,
         info: Arc<InstanceInfo>,
         done: UnaryDone,
-    ) -> Result<Arc<CallControl>, (String, bytes::Bytes, UnaryDone)> {
+    ) -> Result<Arc<CallControl>, (String, Args, UnaryDone)> {
         let caller =
             self.running.try_lock().ok().and_then(|running| running.get(&hash).filter(|r| r.alive.load(Ordering::Acquire)).map(Caller::of));
         let Some(caller) = caller else { return Err((name, args, done)) };

@@ -303,7 +303,7 @@ impl Worker {
         task: TaskId,
         name: String,
         binary: BinaryHash,
-        args: bytes::Bytes,
+        args: Args,
         streaming: bool,
         info: Option<Arc<InstanceInfo>>,
         initial_credit: u32,
@@ -313,6 +313,15 @@ impl Worker {
             if streaming {
                 return Outcome::Error(RemoteError::new(RemoteErrorKind::Worker, "inline calls are unary only"));
             }
+            let args = match args {
+                Args::Inline(bytes) => bytes,
+                Args::Shared(at) => match skyward_net::shm::map(&at) {
+                    Ok(bytes) => bytes,
+                    Err(e) => {
+                        return Outcome::Error(RemoteError::new(RemoteErrorKind::Worker, format!("cannot read the call's arguments: {e}")));
+                    }
+                },
+            };
             return match inline(name, args).await {
                 Ok(bytes) => Outcome::Value(bytes),
                 Err(e) => Outcome::Error(e),
@@ -661,7 +670,20 @@ pub fn facts(config: &WorkerConfig) -> WorkerFacts {
         concurrency: config.concurrency,
         accelerators: detect_accelerators(),
         worker_version: env!("CARGO_PKG_VERSION").to_string(),
+        memory_probe: memory_probe(),
     }
+}
+
+/// This process's locality probe (made once; kept open for the process's life), or `None` when
+/// no memfd can be made here (the coordinator then sends arguments inline).
+fn memory_probe() -> Option<MemoryProbe> {
+    static PROBE: std::sync::OnceLock<Option<skyward_net::shm::Probe>> = std::sync::OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            skyward_net::shm::Probe::new().map_err(|e| tracing::debug!(error = %e, "no shared-memory probe; arguments travel inline")).ok()
+        })
+        .as_ref()
+        .map(|p| p.probe().clone())
 }
 
 const TUNNEL_ARRIVED: &str = "coordinator tunnel arrived";

@@ -159,7 +159,7 @@ impl Inner {
 
     fn function_kind<R>(&self, call: &Call<R>, streaming: bool) -> Result<TaskKind, Error> {
         let args = call.args_shared().map_err(|e| Error::Codec(Box::new(e.clone())))?;
-        Ok(TaskKind::Function { name: call.name().to_string(), binary: self.shared.binary.hash, args, streaming })
+        Ok(TaskKind::Function { name: call.name().to_string(), binary: self.shared.binary.hash, args: args.into(), streaming })
     }
 
     fn submit_with<R: DeserializeOwned>(&self, call: Call<R>, dispatch: Dispatch) -> TaskHandle<R> {

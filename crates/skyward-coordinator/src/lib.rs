@@ -78,6 +78,10 @@ pub struct Options {
     /// rest are submitted as results come back. Bounds the coordinator's memory for huge gathers
     /// (about 1.5 KB per call in flight); keep it well above the pool's task slots.
     pub max_in_flight: usize,
+    /// Hand arguments of 1 MiB and more to nodes on this machine (Local) through shared memory
+    /// (a sealed memfd written once, mapped by each executor) instead of the network. Used only
+    /// with workers that prove they can open this process's memory objects.
+    pub shared_memory_args: bool,
 }
 
 impl Default for Options {
@@ -96,6 +100,7 @@ impl Default for Options {
             connect_timeout: Duration::from_secs(300),
             stream_window: 64,
             max_in_flight: 16_384,
+            shared_memory_args: true,
         }
     }
 }

@@ -78,6 +78,40 @@ pub(crate) struct NodeShared {
     connected: std::sync::atomic::AtomicBool,
     /// Where answers to the coordinator's collection calls go.
     cluster: Arc<crate::cluster::ClusterShared>,
+    /// `Options::shared_memory_args`.
+    shared_memory_args: bool,
+    /// The worker proved it runs on this machine and can open this process's memory objects
+    /// (`skyward_net::shm::Probe`): large arguments go to it through shared memory.
+    same_host: std::sync::atomic::AtomicBool,
+    /// The shared-memory arguments of this node's tasks, held open until each task is forgotten.
+    held: Mutex<HashMap<TaskId, Arc<SharedArgs>>>,
+}
+
+/// Arguments from this size on go through shared memory to a node on this machine.
+const SHARED_MEMORY_MIN: usize = 1024 * 1024;
+
+/// Arguments in shared memory, with the buffer they were copied from.
+struct SharedArgs {
+    object: skyward_net::shm::Sealed,
+    /// Kept alive with the object: while the object can be found by the buffer's address, no
+    /// other buffer can be allocated at that address (and be handed this object's bytes).
+    _buffer: bytes::Bytes,
+}
+
+/// The shared-memory object of `args`, made once however many tasks send the same arguments (a
+/// broadcast's calls share one buffer): keyed by the buffer's address and length.
+fn shared_args(args: &bytes::Bytes) -> std::io::Result<Arc<SharedArgs>> {
+    type Objects = HashMap<(usize, usize), std::sync::Weak<SharedArgs>>;
+    static OBJECTS: std::sync::LazyLock<Mutex<Objects>> = std::sync::LazyLock::new(Default::default);
+    let key = (args.as_ptr() as usize, args.len());
+    let mut objects = OBJECTS.lock().expect("shared args lock");
+    if let Some(object) = objects.get(&key).and_then(std::sync::Weak::upgrade) {
+        return Ok(object);
+    }
+    objects.retain(|_, o| o.strong_count() > 0);
+    let object = Arc::new(SharedArgs { object: skyward_net::shm::Sealed::new("skyward-args", args)?, _buffer: args.clone() });
+    objects.insert(key, Arc::downgrade(&object));
+    Ok(object)
 }
 
 /// One lane and the membership epoch it last carried (its next task carries the changes since).
@@ -244,6 +278,8 @@ impl NodeHandle {
     /// bidirectional stream that carries its submit and its replies. `members(since)` gives the
     /// membership changes a stream at epoch `since` needs to reach `epoch` (see
     /// `skyward_proto::members`): a lane gets what changed since its last task, a new stream all.
+    /// Large arguments go through shared memory when the worker runs on this machine: returns
+    /// whether they did.
     pub(crate) fn dispatch(
         &self,
         task: TaskId,
@@ -252,12 +288,32 @@ impl NodeHandle {
         sinks: TaskSinks,
         epoch: u64,
         members: &dyn Fn(Option<u64>) -> Option<MembersUpdate>,
-    ) {
+    ) -> bool {
         let shared = Arc::clone(&self.shared);
         if sinks.items.is_some() || sinks.output.is_some() {
             shared.sinks.lock().expect("sinks lock").insert(task, sinks);
         }
-        let small = matches!(&kind, TaskKind::Function { args, streaming: false, .. } if args.len() <= LANE_MAX_ARGS);
+        let kind = match kind {
+            TaskKind::Function { name, binary, args: Args::Inline(bytes), streaming }
+                if bytes.len() >= SHARED_MEMORY_MIN && shared.same_host.load(std::sync::atomic::Ordering::Acquire) =>
+            {
+                let args = match shared_args(&bytes) {
+                    Ok(object) => {
+                        let at = object.object.at();
+                        shared.held.lock().expect("held lock").insert(task, object);
+                        Args::Shared(at)
+                    }
+                    Err(e) => {
+                        tracing::warn!(%task, error = %e, "cannot put the arguments in shared memory; sending them inline");
+                        Args::Inline(bytes)
+                    }
+                };
+                TaskKind::Function { name, binary, args, streaming }
+            }
+            other => other,
+        };
+        let through_memory = matches!(&kind, TaskKind::Function { args: Args::Shared(_), .. });
+        let small = matches!(&kind, TaskKind::Function { args, streaming: false, .. } if args.inline_len() <= LANE_MAX_ARGS);
         let mut spec = TaskSpec { kind, members: None, info: None, initial_credit };
         if small {
             // The lane is marked as holding `epoch` before the send: only the task manager
@@ -275,7 +331,7 @@ impl NodeHandle {
                 spec.members = members(since);
                 let submit = shared.session.lock().expect("session lock").submit(task, spec);
                 if lane.send(&submit).is_ok() {
-                    return;
+                    return through_memory;
                 }
                 // The lane closed with its connection: the task gets a stream of its own.
                 let ToWorker::Submit { spec: sent, .. } = submit else { unreachable!("submit() builds a Submit") };
@@ -287,7 +343,7 @@ impl NodeHandle {
         let Some(connection) = shared.connection.lock().expect("connection lock").clone() else {
             // No connection right now: the task stays in flight and is resumed or re-queued
             // when the worker reconnects or is declared lost.
-            return;
+            return through_memory;
         };
         tokio::spawn(async move {
             let (mut send, recv) = match connection.open_bi().await {
@@ -326,11 +382,18 @@ impl NodeHandle {
                 }
             }
         });
+        through_memory
+    }
+
+    /// The shared-memory argument objects this node's tasks hold open (by address).
+    pub(crate) fn shared_memory_objects(&self, into: &mut std::collections::HashSet<usize>) {
+        into.extend(self.shared.held.lock().expect("held lock").values().map(|o| Arc::as_ptr(o) as usize));
     }
 
     /// Stop tracking `task` on this node (its caller got an answer another way).
     pub(crate) fn forget(&self, task: TaskId) {
         self.shared.sinks.lock().expect("sinks lock").remove(&task);
+        self.shared.held.lock().expect("held lock").remove(&task);
         self.shared.session.lock().expect("session lock").forget(task);
     }
 
@@ -477,9 +540,10 @@ pub(crate) fn new_shared(
     session: CoordinatorSession,
     epoch: Instant,
     tm: ActorRef<TmMsg>,
-    max_frame: usize,
+    options: &crate::Options,
     cluster: Arc<crate::cluster::ClusterShared>,
 ) -> Arc<NodeShared> {
+    let max_frame = options.max_frame;
     Arc::new(NodeShared {
         rank,
         node_id,
@@ -496,6 +560,9 @@ pub(crate) fn new_shared(
         next_lane: std::sync::atomic::AtomicUsize::new(0),
         connected: std::sync::atomic::AtomicBool::new(false),
         cluster,
+        shared_memory_args: options.shared_memory_args,
+        same_host: std::sync::atomic::AtomicBool::new(false),
+        held: Mutex::new(HashMap::new()),
     })
 }
 
@@ -633,6 +700,8 @@ impl Actor for Node {
                 *shared.connection.lock().expect("connection lock") = Some(connection.clone());
                 shared.lanes.lock().expect("lanes lock").clear();
                 let facts = hello.worker.clone();
+                let same_host = shared.shared_memory_args && facts.memory_probe.as_ref().is_some_and(skyward_net::shm::Probe::matches);
+                shared.same_host.store(same_host, std::sync::atomic::Ordering::Release);
                 let (transmit, events, accepted) = {
                     let mut session = shared.session.lock().expect("session lock");
                     session.connection_opened(now);

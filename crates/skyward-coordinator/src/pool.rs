@@ -151,15 +151,8 @@ impl PoolState {
         );
         let layout = shared.provider.worker_layout(&shared.ctx, &node_id);
         let standalone_socket = shared.tunnel.as_ref().map(|_| layout.state_dir.join(skyward_provider::STANDALONE_SOCKET));
-        let node_shared: Arc<NodeShared> = node::new_shared(
-            node_id.clone(),
-            rank,
-            session,
-            shared.epoch,
-            self.tm.clone(),
-            shared.options.max_frame,
-            Arc::clone(&shared.cluster),
-        );
+        let node_shared: Arc<NodeShared> =
+            node::new_shared(node_id.clone(), rank, session, shared.epoch, self.tm.clone(), &shared.options, Arc::clone(&shared.cluster));
         let (actor, _) = Actor::spawn_linked(
             Some(format!("node-{node_id}")),
             Node,

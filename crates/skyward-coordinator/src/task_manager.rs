@@ -99,6 +99,11 @@ pub struct TaskStats {
     pub requeued: u64,
     /// Ready nodes.
     pub ready_nodes: usize,
+    /// Dispatches whose arguments went through shared memory (nodes on this machine).
+    pub shared_memory_args: u64,
+    /// Shared-memory argument objects held open now (one per argument buffer in flight; each
+    /// is closed when its last task is done).
+    pub shared_memory_objects: usize,
 }
 
 struct Slot {
@@ -236,7 +241,9 @@ impl TmState {
         entry.attempts += 1;
         let (kind, credit, sinks) = (entry.request.kind.clone(), entry.request.initial_credit, entry.request.sinks.clone());
         let members = &self.members;
-        self.nodes[&rank].node.dispatch(task, kind, credit, sinks, members.epoch(), &|since| members.update_for(rank, since));
+        if self.nodes[&rank].node.dispatch(task, kind, credit, sinks, members.epoch(), &|since| members.update_for(rank, since)) {
+            self.stats.shared_memory_args += 1;
+        }
     }
 
     /// Put a task whose node was lost back in line. The caller has already released its slot.
@@ -394,6 +401,9 @@ impl Actor for TaskManager {
                 let mut stats = state.stats.clone();
                 stats.queued = state.tasks.values().filter(|e| e.running_on.is_none()).count();
                 stats.running = state.tasks.values().filter(|e| e.running_on.is_some()).count();
+                let mut objects = std::collections::HashSet::new();
+                state.nodes.values().for_each(|slot| slot.node.shared_memory_objects(&mut objects));
+                stats.shared_memory_objects = objects.len();
                 let _ = reply.send(stats);
             }
             TmMsg::Close => {

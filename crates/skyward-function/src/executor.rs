@@ -11,7 +11,7 @@ use futures::{FutureExt, StreamExt};
 use skyward_proto::codec::{self, FrameDecoder};
 use skyward_proto::error::{RemoteError, RemoteErrorKind};
 use skyward_proto::exec::{FromExecutor, ToExecutor};
-use skyward_proto::message::InstanceInfo;
+use skyward_proto::message::{Args, InstanceInfo};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
@@ -192,6 +192,19 @@ fn handle(message: ToExecutor, tx: &skyward_net::UnixFrameWriter, calls: &Calls,
                 );
                 let _ = tx.send(&FromExecutor::Done { id, result: Err::<serde_bytes::ByteBuf, _>(err) });
                 return;
+            };
+            let args = match args {
+                Args::Inline(bytes) => bytes,
+                // The coordinator runs on this machine and put large arguments in shared memory.
+                Args::Shared(at) => match skyward_net::shm::map(&at) {
+                    Ok(bytes) => bytes,
+                    Err(e) => {
+                        let err =
+                            RemoteError::new(RemoteErrorKind::Worker, format!("cannot read the call's arguments from shared memory: {e}"));
+                        let _ = tx.send(&FromExecutor::Done { id, result: Err::<serde_bytes::ByteBuf, _>(err) });
+                        return;
+                    }
+                },
             };
             let semaphore = streaming.then(|| Arc::new(Semaphore::new(credit as usize)));
             let calls_for_task = Arc::clone(calls);

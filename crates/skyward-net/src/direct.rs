@@ -213,7 +213,7 @@ mod tests {
 
     fn call(id: u64, len: usize) -> ToExecutor {
         let args: Vec<u8> = (0..len).map(|i| (i as u64 * 7 + id) as u8).collect();
-        ToExecutor::Call { id, name: format!("f{id}"), args: Bytes::from(args), info: None, streaming: false, credit: 0 }
+        ToExecutor::Call { id, name: format!("f{id}"), args: Bytes::from(args).into(), info: None, streaming: false, credit: 0 }
     }
 
     /// A stream that takes a few KiB at a time: large frames (sent as shared chunks) and small

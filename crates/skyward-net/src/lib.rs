@@ -10,6 +10,7 @@
 
 pub mod direct;
 pub mod framed;
+pub mod shm;
 pub mod tls;
 pub mod tunnel;
 

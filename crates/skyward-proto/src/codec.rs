@@ -359,14 +359,14 @@ mod tests {
 
     fn submit(args: Bytes) -> ToWorker {
         use crate::message::{BinaryHash, TaskKind, TaskSpec};
-        let kind = TaskKind::Function { name: "m::f".into(), binary: BinaryHash([1; 32]), args, streaming: false };
+        let kind = TaskKind::Function { name: "m::f".into(), binary: BinaryHash([1; 32]), args: args.into(), streaming: false };
         ToWorker::Submit { task: TaskId(9), spec: Box::new(TaskSpec { kind, members: None, info: None, initial_credit: 4 }) }
     }
 
     fn args_of(message: &ToWorker) -> &Bytes {
         match message {
             ToWorker::Submit { spec, .. } => match &spec.kind {
-                crate::message::TaskKind::Function { args, .. } => args,
+                crate::message::TaskKind::Function { args: crate::message::Args::Inline(args), .. } => args,
                 other => panic!("not a function: {other:?}"),
             },
             other => panic!("not a submit: {other:?}"),

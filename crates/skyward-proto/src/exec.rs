@@ -15,9 +15,8 @@ pub enum ToExecutor {
         id: u64,
         /// Registered name.
         name: String,
-        /// Encoded arguments (shared, not copied, into large frames: see `codec::shared_bytes`).
-        #[serde(with = "crate::codec::shared_bytes")]
-        args: bytes::Bytes,
+        /// Encoded arguments: in the message, or in the coordinator's shared memory.
+        args: crate::message::Args,
         /// Node facts for the task context; `None`: the same as the last call on this connection
         /// that carried them (the worker sends them again only when they change).
         #[serde(with = "crate::message::shared_opt")]

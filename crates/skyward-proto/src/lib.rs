@@ -32,7 +32,7 @@ pub enum SilenceAction {
 }
 
 /// Version of the wire protocol. A peer that speaks another version is refused in the handshake.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// A point in time as the caller sees it: the duration since an epoch of its choosing.
 ///

@@ -96,15 +96,67 @@ pub enum TaskKind {
         name: String,
         /// The executable that registers it; the node must hold it.
         binary: BinaryHash,
-        /// serde-encoded arguments; shared by every copy of the task (a broadcast's nodes, the
-        /// session's record for resume) and not copied into large frames (`codec::shared_bytes`).
-        #[serde(with = "crate::codec::shared_bytes")]
-        args: bytes::Bytes,
+        /// serde-encoded arguments: in the message, or in the coordinator's shared memory when
+        /// the node runs on its machine.
+        args: Args,
         /// Whether the function yields a stream of items.
         streaming: bool,
     },
     /// Run a command on the node.
     Command(CommandSpec),
+}
+
+/// A function call's encoded arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Args {
+    /// In the message. Shared by every copy of the task (a broadcast's nodes, the session's
+    /// record for resume) and not copied into large frames (`codec::shared_bytes`).
+    Inline(#[serde(with = "crate::codec::shared_bytes")] bytes::Bytes),
+    /// In a sealed shared-memory object of another process on the same machine: large arguments
+    /// to a node on the coordinator's machine cross no socket (`skyward_net::shm`).
+    Shared(SharedMemory),
+}
+
+impl Args {
+    /// Bytes the arguments add to a message.
+    pub fn inline_len(&self) -> usize {
+        match self {
+            Args::Inline(bytes) => bytes.len(),
+            Args::Shared(_) => 0,
+        }
+    }
+}
+
+impl From<bytes::Bytes> for Args {
+    fn from(bytes: bytes::Bytes) -> Self {
+        Args::Inline(bytes)
+    }
+}
+
+/// A sealed shared-memory object (a memfd) of a process on this machine, opened through
+/// `/proc/<pid>/fd/<fd>`. `inode` and `len` identify it: a descriptor number reused for another
+/// object is refused, not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedMemory {
+    /// The process holding it open.
+    pub pid: u32,
+    /// Its descriptor in that process.
+    pub fd: i32,
+    /// Its inode number.
+    pub inode: u64,
+    /// Its length in bytes.
+    pub len: u64,
+}
+
+/// A worker's proof that it runs on the reader's machine and that its memory objects can be
+/// opened there: a shared-memory object whose contents are `token`. A coordinator that can open
+/// it and reads the token may hand the worker arguments in shared memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryProbe {
+    /// The object.
+    pub at: SharedMemory,
+    /// Its contents (random, per worker process).
+    pub token: [u8; 16],
 }
 
 /// A command task: argv, environment, working directory and timeout.
@@ -196,6 +248,9 @@ pub struct WorkerFacts {
     pub accelerators: Vec<String>,
     /// Worker version.
     pub worker_version: String,
+    /// Where the worker can be handed arguments in shared memory, when it runs on the
+    /// coordinator's machine (`None`: it cannot make a probe).
+    pub memory_probe: Option<MemoryProbe>,
 }
 
 /// Messages from the coordinator to a worker.

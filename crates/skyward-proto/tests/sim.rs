@@ -208,7 +208,12 @@ fn spec_for(plan: &TaskPlan, window: u32) -> TaskSpec {
     // The runtime reads its instructions back out of the encoded arguments, so they cross the wire.
     let args = codec::to_bytes(&(plan.work.as_micros() as u64, plan.items)).expect("args encode");
     TaskSpec {
-        kind: TaskKind::Function { name: "sim::task".into(), binary: BinaryHash([7; 32]), args: args.into(), streaming: plan.items > 0 },
+        kind: TaskKind::Function {
+            name: "sim::task".into(),
+            binary: BinaryHash([7; 32]),
+            args: bytes::Bytes::from(args).into(),
+            streaming: plan.items > 0,
+        },
         members: Some(MembersUpdate { rank: 0, epoch: 1, base: None, set: vec![(0, "127.0.0.1".into())], removed: Vec::new() }),
         info: None,
         initial_credit: window,
@@ -753,7 +758,7 @@ impl Sim {
         match event {
             WorkerEvent::Start { task, spec } => {
                 *node.starts.entry(task).or_default() += 1;
-                let TaskKind::Function { args, streaming, .. } = spec.kind else {
+                let TaskKind::Function { args: skyward_proto::message::Args::Inline(args), streaming, .. } = spec.kind else {
                     self.violation(format!("node {n}: {task} is not a function task"));
                     return;
                 };
