@@ -142,6 +142,7 @@ impl Inner {
     fn enqueue(&self, kind: TaskKind, dispatch: Dispatch, sinks: TaskSinks) -> (TaskId, oneshot::Receiver<Done>) {
         let id = TaskId(self.next_task.fetch_add(1, Ordering::Relaxed));
         let (reply, rx) = oneshot::channel();
+        let prepared = self.prepare_shared(&kind);
         let request = TaskRequest {
             id,
             kind,
@@ -150,11 +151,29 @@ impl Inner {
             reply,
             sinks,
             initial_credit: self.shared.options.stream_window,
+            _prepared: prepared,
         };
         if let Err(ractor::MessagingErr::SendErr(TmMsg::Submit(request))) = self.tm.cast(TmMsg::Submit(Box::new(request))) {
             let _ = request.reply.send(Done { result: Err(TaskError::PoolClosed), rank: None });
         }
         (id, rx)
+    }
+
+    /// Large arguments of a pool with nodes on this machine go into shared memory here, on the
+    /// caller's thread (like their encoding), so that the TaskManager finds them ready at dispatch
+    /// instead of stopping to write them. A failure here is left to the dispatch (which logs it and
+    /// sends the arguments inline).
+    fn prepare_shared(&self, kind: &TaskKind) -> Option<Arc<crate::node::SharedArgs>> {
+        match kind {
+            TaskKind::Function { args: skyward_proto::message::Args::Inline(bytes), .. }
+                if bytes.len() >= crate::node::SHARED_MEMORY_MIN
+                    && self.shared.options.shared_memory_args
+                    && self.shared.same_host.load(Ordering::Acquire) =>
+            {
+                crate::node::shared_args(bytes).ok()
+            }
+            _ => None,
+        }
     }
 
     fn function_kind<R>(&self, call: &Call<R>, streaming: bool) -> Result<TaskKind, Error> {

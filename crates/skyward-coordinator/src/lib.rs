@@ -460,6 +460,7 @@ impl Compute {
             binary,
             cluster: cluster::ClusterShared::new(tunnel.is_none()),
             tunnel,
+            same_host: Default::default(),
         });
         let acceptor = tokio::spawn(pool::accept_loop(endpoint.clone(), Arc::clone(&shared)));
         let (tm, _) = Actor::spawn(None, TaskManager, TmArgs { max_retries: self.options.max_retries })

@@ -80,6 +80,8 @@ pub(crate) struct NodeShared {
     cluster: Arc<crate::cluster::ClusterShared>,
     /// `Options::shared_memory_args`.
     shared_memory_args: bool,
+    /// `PoolShared::same_host`: set when this node proves it is on this machine.
+    pool_same_host: Arc<std::sync::atomic::AtomicBool>,
     /// The worker proved it runs on this machine and can open this process's memory objects
     /// (`skyward_net::shm::Probe`): large arguments go to it through shared memory.
     same_host: std::sync::atomic::AtomicBool,
@@ -88,10 +90,11 @@ pub(crate) struct NodeShared {
 }
 
 /// Arguments from this size on go through shared memory to a node on this machine.
-const SHARED_MEMORY_MIN: usize = 1024 * 1024;
+pub(crate) const SHARED_MEMORY_MIN: usize = 1024 * 1024;
 
 /// Arguments in shared memory, with the buffer they were copied from.
-struct SharedArgs {
+#[derive(Debug)]
+pub(crate) struct SharedArgs {
     object: skyward_net::shm::Sealed,
     /// Kept alive with the object: while the object can be found by the buffer's address, no
     /// other buffer can be allocated at that address (and be handed this object's bytes).
@@ -100,7 +103,7 @@ struct SharedArgs {
 
 /// The shared-memory object of `args`, made once however many tasks send the same arguments (a
 /// broadcast's calls share one buffer): keyed by the buffer's address and length.
-fn shared_args(args: &bytes::Bytes) -> std::io::Result<Arc<SharedArgs>> {
+pub(crate) fn shared_args(args: &bytes::Bytes) -> std::io::Result<Arc<SharedArgs>> {
     type Objects = HashMap<(usize, usize), std::sync::Weak<SharedArgs>>;
     static OBJECTS: std::sync::LazyLock<Mutex<Objects>> = std::sync::LazyLock::new(Default::default);
     let key = (args.as_ptr() as usize, args.len());
@@ -538,12 +541,10 @@ pub(crate) fn new_shared(
     node_id: String,
     rank: u32,
     session: CoordinatorSession,
-    epoch: Instant,
     tm: ActorRef<TmMsg>,
-    options: &crate::Options,
-    cluster: Arc<crate::cluster::ClusterShared>,
+    pool: &crate::pool::PoolShared,
 ) -> Arc<NodeShared> {
-    let max_frame = options.max_frame;
+    let (epoch, max_frame, cluster) = (pool.epoch, pool.options.max_frame, Arc::clone(&pool.cluster));
     Arc::new(NodeShared {
         rank,
         node_id,
@@ -560,7 +561,8 @@ pub(crate) fn new_shared(
         next_lane: std::sync::atomic::AtomicUsize::new(0),
         connected: std::sync::atomic::AtomicBool::new(false),
         cluster,
-        shared_memory_args: options.shared_memory_args,
+        shared_memory_args: pool.options.shared_memory_args,
+        pool_same_host: Arc::clone(&pool.same_host),
         same_host: std::sync::atomic::AtomicBool::new(false),
         held: Mutex::new(HashMap::new()),
     })
@@ -702,6 +704,9 @@ impl Actor for Node {
                 let facts = hello.worker.clone();
                 let same_host = shared.shared_memory_args && facts.memory_probe.as_ref().is_some_and(skyward_net::shm::Probe::matches);
                 shared.same_host.store(same_host, std::sync::atomic::Ordering::Release);
+                if same_host {
+                    shared.pool_same_host.store(true, std::sync::atomic::Ordering::Release);
+                }
                 let (transmit, events, accepted) = {
                     let mut session = shared.session.lock().expect("session lock");
                     session.connection_opened(now);

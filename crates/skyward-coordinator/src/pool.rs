@@ -44,6 +44,9 @@ pub(crate) struct PoolShared {
     pub(crate) tunnel: Option<Arc<skyward_net::TunnelSocket>>,
     /// The worker cluster's membership and placement (disabled in standalone mode).
     pub(crate) cluster: Arc<crate::cluster::ClusterShared>,
+    /// Set once a node proved it runs on this machine: from then on, large arguments are put in
+    /// shared memory when submitted (by the caller, not by the TaskManager at dispatch).
+    pub(crate) same_host: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Messages of the Pool actor.
@@ -151,8 +154,7 @@ impl PoolState {
         );
         let layout = shared.provider.worker_layout(&shared.ctx, &node_id);
         let standalone_socket = shared.tunnel.as_ref().map(|_| layout.state_dir.join(skyward_provider::STANDALONE_SOCKET));
-        let node_shared: Arc<NodeShared> =
-            node::new_shared(node_id.clone(), rank, session, shared.epoch, self.tm.clone(), &shared.options, Arc::clone(&shared.cluster));
+        let node_shared: Arc<NodeShared> = node::new_shared(node_id.clone(), rank, session, self.tm.clone(), shared);
         let (actor, _) = Actor::spawn_linked(
             Some(format!("node-{node_id}")),
             Node,

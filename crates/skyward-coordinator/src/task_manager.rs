@@ -44,6 +44,10 @@ pub(crate) struct TaskRequest {
     pub(crate) reply: Reply,
     pub(crate) sinks: TaskSinks,
     pub(crate) initial_credit: u32,
+    /// The arguments already put in shared memory by the caller. Held, not read: while it is
+    /// alive, the dispatch to a node on this machine finds it (`node::shared_args`) instead of
+    /// the TaskManager writing the arguments.
+    pub(crate) _prepared: Option<std::sync::Arc<crate::node::SharedArgs>>,
 }
 
 /// Messages of the task manager.
