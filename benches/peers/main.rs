@@ -634,7 +634,9 @@ fn print_table(report: &Value) {
     println!("|---|---|---|---|---|---|");
     for row in report["rows"].as_array().into_iter().flatten() {
         let ray = if row["ray"].is_null() { row["ray_note"].as_str().unwrap_or("-").to_string() } else { fmt_cell(&row["ray"]) };
-        let ratio = row["times_better"].as_f64().map_or("-".into(), |r| format!("{r:.1}x better"));
+        let ratio = row["times_better"]
+            .as_f64()
+            .map_or("-".into(), |r| if r >= 1.0 { format!("{r:.1}x better") } else { format!("{:.1}x worse", 1.0 / r) });
         let higher = row["higher_is_better"].as_bool().unwrap_or(false);
         let mut target = Vec::new();
         if let Some(t) = row["target"].as_f64() {
