@@ -168,7 +168,8 @@ impl Inner {
             TaskKind::Function { args: skyward_proto::message::Args::Inline(bytes), .. }
                 if bytes.len() >= crate::node::SHARED_MEMORY_MIN
                     && self.shared.options.shared_memory_args
-                    && self.shared.same_host.load(Ordering::Acquire) =>
+                    && self.shared.same_host.load(Ordering::Acquire)
+                    && crate::node::live_objects() < crate::node::MAX_PREPARED =>
             {
                 crate::node::shared_args(bytes).ok()
             }
@@ -633,8 +634,11 @@ impl<I: Iterator<Item = Call<R>>, R: DeserializeOwned> Stream for InFlight<I, R>
         this.fill();
         // `running` is empty only once `calls` is exhausted (fill ran just before): then done.
         let item = std::task::ready!(this.running.poll_next_unpin(cx));
-        // Keep the window full even while the consumer is busy with this item.
-        this.fill();
+        // Keep the window full even while the consumer is busy with this result; not after a
+        // failure, which ends a `gather` (nothing more may be submitted for it).
+        if matches!(item, Some((_, Ok(_)))) {
+            this.fill();
+        }
         Poll::Ready(item)
     }
 }

@@ -101,18 +101,60 @@ pub(crate) struct SharedArgs {
     _buffer: bytes::Bytes,
 }
 
+impl Drop for SharedArgs {
+    fn drop(&mut self) {
+        LIVE_OBJECTS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Shared-memory argument objects alive in this process.
+static LIVE_OBJECTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// At most this many objects at once (each a descriptor and its arguments' size in memory); past
+/// it, arguments travel inline until some are closed.
+const MAX_OBJECTS: usize = 256;
+
+/// Callers prepare objects at submit only while fewer than this many are alive, so that a gather
+/// of many large calls cannot put them all in memory before they run (the rest are made at
+/// dispatch, bounded by the pool's slots).
+pub(crate) const MAX_PREPARED: usize = 32;
+
+/// Objects alive now (`MAX_PREPARED` check).
+pub(crate) fn live_objects() -> usize {
+    LIVE_OBJECTS.load(std::sync::atomic::Ordering::Acquire)
+}
+
 /// The shared-memory object of `args`, made once however many tasks send the same arguments (a
-/// broadcast's calls share one buffer): keyed by the buffer's address and length.
+/// broadcast's calls share one buffer): keyed by the buffer's address and length. The bytes are
+/// written without the cache's lock held, so a lookup never waits behind another write.
 pub(crate) fn shared_args(args: &bytes::Bytes) -> std::io::Result<Arc<SharedArgs>> {
     type Objects = HashMap<(usize, usize), std::sync::Weak<SharedArgs>>;
     static OBJECTS: std::sync::LazyLock<Mutex<Objects>> = std::sync::LazyLock::new(Default::default);
     let key = (args.as_ptr() as usize, args.len());
-    let mut objects = OBJECTS.lock().expect("shared args lock");
-    if let Some(object) = objects.get(&key).and_then(std::sync::Weak::upgrade) {
+    if let Some(object) = OBJECTS.lock().expect("shared args lock").get(&key).and_then(std::sync::Weak::upgrade) {
         return Ok(object);
     }
-    objects.retain(|_, o| o.strong_count() > 0);
-    let object = Arc::new(SharedArgs { object: skyward_net::shm::Sealed::new("skyward-args", args)?, _buffer: args.clone() });
+    if LIVE_OBJECTS.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= MAX_OBJECTS {
+        LIVE_OBJECTS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        return Err(std::io::Error::other(format!("{MAX_OBJECTS} shared-memory argument objects are open already")));
+    }
+    let sealed = match skyward_net::shm::Sealed::new("skyward-args", args) {
+        Ok(sealed) => sealed,
+        Err(e) => {
+            LIVE_OBJECTS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            return Err(e);
+        }
+    };
+    // From here `Drop` gives the count back.
+    let object = Arc::new(SharedArgs { object: sealed, _buffer: args.clone() });
+    let mut objects = OBJECTS.lock().expect("shared args lock");
+    // Another caller may have made one for the same buffer meanwhile: the first stays.
+    if let Some(first) = objects.get(&key).and_then(std::sync::Weak::upgrade) {
+        return Ok(first);
+    }
+    if objects.len() >= 2 * MAX_OBJECTS {
+        objects.retain(|_, o| o.strong_count() > 0);
+    }
     objects.insert(key, Arc::downgrade(&object));
     Ok(object)
 }
@@ -307,7 +349,7 @@ impl NodeHandle {
                         Args::Shared(at)
                     }
                     Err(e) => {
-                        tracing::warn!(%task, error = %e, "cannot put the arguments in shared memory; sending them inline");
+                        tracing::debug!(%task, error = %e, "cannot put the arguments in shared memory; sending them inline");
                         Args::Inline(bytes)
                     }
                 };
@@ -386,6 +428,11 @@ impl NodeHandle {
             }
         });
         through_memory
+    }
+
+    /// Close this node's hold on shared-memory arguments (the node is lost).
+    pub(crate) fn release_shared_memory(&self) {
+        self.shared.held.lock().expect("held lock").clear();
     }
 
     /// The shared-memory argument objects this node's tasks hold open (by address).
@@ -839,5 +886,39 @@ impl Actor for Node {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One object per buffer however many tasks send it, a new one for another buffer with the
+    /// same bytes, and at most `MAX_OBJECTS` alive (the rest travel inline).
+    #[test]
+    fn shared_arguments_are_made_once_per_buffer_and_bounded() {
+        let args = bytes::Bytes::from(vec![7u8; 4096]);
+        let a = shared_args(&args).expect("object");
+        let b = shared_args(&args.clone()).expect("object");
+        assert!(Arc::ptr_eq(&a, &b), "the same buffer got two objects");
+        let copy = bytes::Bytes::from(args.to_vec());
+        let c = shared_args(&copy).expect("object");
+        assert!(!Arc::ptr_eq(&a, &c), "another buffer was handed this buffer's object");
+        assert_eq!(&skyward_net::shm::map(&c.object.at()).expect("map")[..], &args[..]);
+        drop((b, c));
+        // Fill up to the bound; the next one is refused until one is closed.
+        let buffers: Vec<bytes::Bytes> = (0..MAX_OBJECTS).map(|i| bytes::Bytes::from(vec![i as u8; 8])).collect();
+        let mut held: Vec<Arc<SharedArgs>> = vec![a];
+        for buffer in &buffers[1..] {
+            held.push(shared_args(buffer).expect("object under the bound"));
+        }
+        assert_eq!(live_objects(), MAX_OBJECTS);
+        let extra = bytes::Bytes::from_static(b"one too many");
+        let err = shared_args(&extra).expect_err("over the bound");
+        assert!(err.to_string().contains("open already"), "{err}");
+        held.pop();
+        assert!(shared_args(&extra).is_ok(), "a closed object did not make room");
+        drop(held);
+        assert_eq!(live_objects(), 0, "objects outlived their holders");
     }
 }

@@ -359,7 +359,10 @@ impl Actor for TaskManager {
                 state.drain();
             }
             TmMsg::NodeLost { rank, in_flight } => {
-                state.nodes.remove(&rank);
+                if let Some(slot) = state.nodes.remove(&rank) {
+                    // Its tasks run elsewhere from now on, with their own objects.
+                    slot.node.release_shared_memory();
+                }
                 state.order.retain(|r| *r != rank);
                 state.members.remove(rank);
                 state.cursor = 0;
