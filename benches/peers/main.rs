@@ -125,7 +125,16 @@ fn main() {
     let mut ours = Vec::new();
     if run("tasks") {
         eprintln!("skyward: 2 Local workers: sync round trips, async throughput, actor calls");
-        ours.extend(rt.block_on(two_workers(sizes)));
+        let mut with = rt.block_on(two_workers(sizes, true));
+        eprintln!("skyward: the same with busy polling off");
+        let without = rt.block_on(two_workers(sizes, false));
+        // One scenario each, the busy-polling-off figures as `<metric>_no_busy_poll`.
+        for (scenario, off) in with.iter_mut().zip(without) {
+            for (metric, values) in off["metrics"].as_object().into_iter().flatten() {
+                scenario["metrics"][format!("{metric}_no_busy_poll")] = values.clone();
+            }
+        }
+        ours.extend(with);
     }
     if run("broadcast") {
         eprintln!("skyward: broadcast to 4 Local workers");
@@ -154,9 +163,12 @@ fn main() {
     }
 }
 
-/// Sync and async tasks and actor calls on one pool of 2 Local workers.
-async fn two_workers(sizes: Sizes) -> Vec<Value> {
-    let pool = Compute::new(Local::default()).nodes(2).worker(Worker { concurrency: 256 }).start().await.expect("pool");
+/// Sync and async tasks and actor calls on one pool of 2 Local workers, with busy polling on
+/// (the default: idle CPUs poll while calls are in flight) or off.
+async fn two_workers(sizes: Sizes, busy_poll: bool) -> Vec<Value> {
+    let options =
+        if busy_poll { skyward::Options::default() } else { skyward::Options { busy_poll_cpus: 0, ..skyward::Options::default() } };
+    let pool = Compute::new(Local::default()).nodes(2).worker(Worker { concurrency: 256 }).options(options).start().await.expect("pool");
     // Executors start on first use.
     pool.gather((0..1000).map(|_| noop())).await.expect("warm up");
     let mut out = Vec::new();
@@ -214,6 +226,9 @@ async fn two_workers(sizes: Sizes) -> Vec<Value> {
         &[("calls_per_s", rates)],
         Some(format!("{} concurrent calls per repetition", sizes.actor_calls)),
     ));
+    let stats = pool.stats().await.expect("stats");
+    assert_eq!(stats.busy_poll_threads > 0, busy_poll, "busy-poll threads: {}", stats.busy_poll_threads);
+    eprintln!("  busy-poll threads {}, spun {:.1} s", stats.busy_poll_threads, stats.busy_poll_spun.as_secs_f64());
     pool.shutdown().await.expect("shutdown");
     out
 }
@@ -466,6 +481,51 @@ const METRICS: &[MetricSpec] = &[
         scenario: "async_actor_calls",
         metric: "calls_per_s",
         title: "async actor calls, 1 actor",
+        unit: "calls/s",
+        higher_is_better: true,
+        target: None,
+        ratio_target: None,
+    },
+    MetricSpec {
+        scenario: "sync_task_roundtrip",
+        metric: "p50_us_no_busy_poll",
+        title: "sync no-op task round trip, p50, busy polling off",
+        unit: "us",
+        higher_is_better: false,
+        target: None,
+        ratio_target: None,
+    },
+    MetricSpec {
+        scenario: "sync_task_roundtrip",
+        metric: "p99_us_no_busy_poll",
+        title: "sync no-op task round trip, p99, busy polling off",
+        unit: "us",
+        higher_is_better: false,
+        target: None,
+        ratio_target: None,
+    },
+    MetricSpec {
+        scenario: "async_task_throughput",
+        metric: "tasks_per_s_no_busy_poll",
+        title: "async no-op tasks, busy polling off",
+        unit: "tasks/s",
+        higher_is_better: true,
+        target: None,
+        ratio_target: None,
+    },
+    MetricSpec {
+        scenario: "sync_actor_call",
+        metric: "p50_us_no_busy_poll",
+        title: "sync actor call, p50, busy polling off",
+        unit: "us",
+        higher_is_better: false,
+        target: None,
+        ratio_target: None,
+    },
+    MetricSpec {
+        scenario: "async_actor_calls",
+        metric: "calls_per_s_no_busy_poll",
+        title: "async actor calls, busy polling off",
         unit: "calls/s",
         higher_is_better: true,
         target: None,

@@ -81,9 +81,11 @@ pub(crate) fn trials() -> Vec<Trial> {
 
 async fn every_api_on_three_nodes(mode: Mode) -> anyhow::Result<()> {
     // Large arguments reach these nodes (on this machine) through shared memory in cluster mode;
-    // standalone mode turns that off, so the inline path (chunked frames) is covered too.
+    // standalone mode turns that off, so the inline path (chunked frames) is covered too. The
+    // same for busy polling of idle CPUs while calls are in flight.
     let shared_memory = mode == Mode::Cluster;
-    let options = skyward::Options { shared_memory_args: shared_memory, ..mode.options() };
+    let busy_poll_cpus = if shared_memory { 2 } else { 0 };
+    let options = skyward::Options { shared_memory_args: shared_memory, busy_poll_cpus, ..mode.options() };
     let pool = skyward::Compute::new(skyward::Local::default())
         .nodes(3)
         .worker(skyward::Worker { concurrency: 4 })
@@ -172,6 +174,10 @@ async fn every_api_on_three_nodes(mode: Mode) -> anyhow::Result<()> {
     anyhow::ensure!(pool.run(add(1, 1)).await? == 2);
     let stats = pool.stats().await?;
     anyhow::ensure!(stats.running == 0 && stats.queued == 0, "idle pool: {stats:?}");
+    // Busy polling started with the first node on this machine, and spun while calls ran.
+    let threads = busy_poll_cpus.min(std::thread::available_parallelism()?.get());
+    anyhow::ensure!(stats.busy_poll_threads == threads, "{} busy-poll threads, not {threads}", stats.busy_poll_threads);
+    anyhow::ensure!((stats.busy_poll_spun > std::time::Duration::ZERO) == (threads > 0), "busy polling spun {:?}", stats.busy_poll_spun);
     pool.shutdown().await?;
     assert_no_workers(&id)
 }

@@ -378,7 +378,10 @@ impl Pool {
 
     /// Task counters.
     pub async fn stats(&self) -> Result<TaskStats, Error> {
-        ractor::call!(self.inner.tm, TmMsg::Stats).map_err(|e| Error::Shutdown(e.to_string()))
+        let mut stats = ractor::call!(self.inner.tm, TmMsg::Stats).map_err(|e| Error::Shutdown(e.to_string()))?;
+        stats.busy_poll_threads = self.inner.shared.busy.threads();
+        stats.busy_poll_spun = self.inner.shared.busy.spun();
+        Ok(stats)
     }
 
     fn enqueue(&self, kind: TaskKind, dispatch: Dispatch, sinks: TaskSinks) -> (TaskId, oneshot::Receiver<Done>) {
@@ -570,6 +573,7 @@ impl Pool {
     }
 
     fn finish_close(&self) {
+        self.inner.shared.busy.stop();
         self.inner.tm.stop(None);
         self.inner.acceptor.abort();
         self.inner.endpoint.close(0u32.into(), b"pool shut down");

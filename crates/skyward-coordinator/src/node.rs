@@ -87,6 +87,8 @@ pub(crate) struct NodeShared {
     same_host: std::sync::atomic::AtomicBool,
     /// The shared-memory arguments of this node's tasks, held open until each task is forgotten.
     held: Mutex<HashMap<TaskId, Arc<SharedArgs>>>,
+    /// The pool's busy poller: touched on every send to and message from this node.
+    busy: Arc<crate::busy_poll::BusyPoll>,
 }
 
 /// Arguments from this size on go through shared memory to a node on this machine.
@@ -226,6 +228,7 @@ impl NodeShared {
     /// or on the control stream while the lanes are not open. `key` picks the lane, so requests
     /// with the same key (one actor's messages) stay in order. `false` when there is no connection.
     pub(crate) fn send_cluster(&self, message: ToWorker, key: Option<u64>) -> bool {
+        self.busy.touch();
         let lane = {
             let lanes = self.lanes.lock().expect("lanes lock");
             (!lanes.is_empty()).then(|| {
@@ -241,6 +244,14 @@ impl NodeShared {
 
     /// Feed one message from the worker and route everything the session produces.
     pub(crate) fn process(&self, message: ToCoordinator) {
+        // Replies keep the CPUs polling (more are likely to follow); heartbeats do not, so an
+        // idle pool stays idle.
+        if matches!(
+            message,
+            ToCoordinator::Output { .. } | ToCoordinator::Item { .. } | ToCoordinator::Done { .. } | ToCoordinator::ClusterReply { .. }
+        ) {
+            self.busy.touch();
+        }
         let now = self.now();
         let (transmit, events) = {
             let mut session = self.session.lock().expect("session lock");
@@ -335,6 +346,7 @@ impl NodeHandle {
         members: &dyn Fn(Option<u64>) -> Option<MembersUpdate>,
     ) -> bool {
         let shared = Arc::clone(&self.shared);
+        shared.busy.touch();
         if sinks.items.is_some() || sinks.output.is_some() {
             shared.sinks.lock().expect("sinks lock").insert(task, sinks);
         }
@@ -610,6 +622,7 @@ pub(crate) fn new_shared(
         cluster,
         shared_memory_args: pool.options.shared_memory_args,
         pool_same_host: Arc::clone(&pool.same_host),
+        busy: Arc::clone(&pool.busy),
         same_host: std::sync::atomic::AtomicBool::new(false),
         held: Mutex::new(HashMap::new()),
     })
@@ -749,7 +762,11 @@ impl Actor for Node {
                 *shared.connection.lock().expect("connection lock") = Some(connection.clone());
                 shared.lanes.lock().expect("lanes lock").clear();
                 let facts = hello.worker.clone();
-                let same_host = shared.shared_memory_args && facts.memory_probe.as_ref().is_some_and(skyward_net::shm::Probe::matches);
+                let local = facts.memory_probe.as_ref().is_some_and(skyward_net::shm::Probe::matches);
+                if local {
+                    shared.busy.start();
+                }
+                let same_host = shared.shared_memory_args && local;
                 shared.same_host.store(same_host, std::sync::atomic::Ordering::Release);
                 if same_host {
                     shared.pool_same_host.store(true, std::sync::atomic::Ordering::Release);

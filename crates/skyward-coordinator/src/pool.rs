@@ -47,6 +47,9 @@ pub(crate) struct PoolShared {
     /// Set once a node proved it runs on this machine: from then on, large arguments are put in
     /// shared memory when submitted (by the caller, not by the TaskManager at dispatch).
     pub(crate) same_host: Arc<std::sync::atomic::AtomicBool>,
+    /// Keeps idle CPUs polling while calls to nodes on this machine are in flight; started by
+    /// the first node that proves to be on this machine.
+    pub(crate) busy: Arc<crate::busy_poll::BusyPoll>,
 }
 
 /// Messages of the Pool actor.

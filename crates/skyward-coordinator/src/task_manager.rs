@@ -108,6 +108,11 @@ pub struct TaskStats {
     /// Shared-memory argument objects held open now (one per argument buffer in flight; each
     /// is closed when its last task is done).
     pub shared_memory_objects: usize,
+    /// Busy-poll threads running (`Options::busy_poll_cpus`; 0 until a node proved to be on
+    /// this machine).
+    pub busy_poll_threads: usize,
+    /// CPU time the busy-poll threads spent spinning so far, all together.
+    pub busy_poll_spun: std::time::Duration,
 }
 
 struct Slot {
