@@ -13,8 +13,9 @@
 //! run under `SCHED_IDLE`: the kernel runs them only on a CPU that has nothing else to run, and a
 //! woken thread takes the CPU from them as soon as they enter the kernel (every 10 µs at most), so
 //! they fill idle time without taking CPU from the coordinator, the workers or anything else on
-//! the machine. It starts only once a node proved to be on this machine, and the threads park when the pool has been quiet for the window: a
-//! pool whose tasks run for minutes spins for a millisecond after each dispatch, not for minutes.
+//! the machine. It starts only once a node proved to be on this machine, and the threads park
+//! when the pool has been quiet for the window: a pool whose tasks run for minutes spins for a
+//! millisecond after each dispatch, not for minutes.
 //!
 //! Synchronisation: `touch` stores the time and then reads `sleepers`; a spinner that goes to
 //! sleep increments `sleepers` and then reads the time again. Both are `SeqCst`, so at least one
