@@ -431,6 +431,19 @@ struct MetricSpec {
     ratio_target: Option<f64>,
 }
 
+impl MetricSpec {
+    /// A row without targets (an A/B figure beside the one the targets apply to).
+    const fn untargeted(
+        scenario: &'static str,
+        metric: &'static str,
+        title: &'static str,
+        unit: &'static str,
+        higher_is_better: bool,
+    ) -> Self {
+        MetricSpec { scenario, metric, title, unit, higher_is_better, target: None, ratio_target: None }
+    }
+}
+
 const METRICS: &[MetricSpec] = &[
     MetricSpec {
         scenario: "sync_task_roundtrip",
@@ -486,51 +499,11 @@ const METRICS: &[MetricSpec] = &[
         target: None,
         ratio_target: None,
     },
-    MetricSpec {
-        scenario: "sync_task_roundtrip",
-        metric: "p50_us_no_busy_poll",
-        title: "sync no-op task round trip, p50, busy polling off",
-        unit: "us",
-        higher_is_better: false,
-        target: None,
-        ratio_target: None,
-    },
-    MetricSpec {
-        scenario: "sync_task_roundtrip",
-        metric: "p99_us_no_busy_poll",
-        title: "sync no-op task round trip, p99, busy polling off",
-        unit: "us",
-        higher_is_better: false,
-        target: None,
-        ratio_target: None,
-    },
-    MetricSpec {
-        scenario: "async_task_throughput",
-        metric: "tasks_per_s_no_busy_poll",
-        title: "async no-op tasks, busy polling off",
-        unit: "tasks/s",
-        higher_is_better: true,
-        target: None,
-        ratio_target: None,
-    },
-    MetricSpec {
-        scenario: "sync_actor_call",
-        metric: "p50_us_no_busy_poll",
-        title: "sync actor call, p50, busy polling off",
-        unit: "us",
-        higher_is_better: false,
-        target: None,
-        ratio_target: None,
-    },
-    MetricSpec {
-        scenario: "async_actor_calls",
-        metric: "calls_per_s_no_busy_poll",
-        title: "async actor calls, busy polling off",
-        unit: "calls/s",
-        higher_is_better: true,
-        target: None,
-        ratio_target: None,
-    },
+    MetricSpec::untargeted("sync_task_roundtrip", "p50_us_no_busy_poll", "sync no-op task round trip, p50, busy polling off", "us", false),
+    MetricSpec::untargeted("sync_task_roundtrip", "p99_us_no_busy_poll", "sync no-op task round trip, p99, busy polling off", "us", false),
+    MetricSpec::untargeted("async_task_throughput", "tasks_per_s_no_busy_poll", "async no-op tasks, busy polling off", "tasks/s", true),
+    MetricSpec::untargeted("sync_actor_call", "p50_us_no_busy_poll", "sync actor call, p50, busy polling off", "us", false),
+    MetricSpec::untargeted("async_actor_calls", "calls_per_s_no_busy_poll", "async actor calls, busy polling off", "calls/s", true),
     MetricSpec {
         scenario: "broadcast_256mib_4_workers",
         metric: "gb_per_s",
