@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 pub(crate) fn trials() -> Vec<Trial> {
     vec![
         Trial::test("teardown::shutdown_and_drop_leave_no_worker", || block_on(shutdown_and_drop())),
+        Trial::test("teardown::calls_waiting_at_shutdown_get_pool_closed", || block_on(waiting_at_shutdown())),
         Trial::test("teardown::ctrl_c_leaves_no_worker", || child("wait", true)),
         Trial::test("teardown::killed_coordinator_workers_end_themselves", killed_coordinator),
         Trial::test("teardown::error_exit_leaves_no_worker", || child("error", false)),
@@ -27,6 +28,56 @@ async fn shutdown_and_drop() -> anyhow::Result<()> {
     let b_id = b.pool_id().to_string();
     drop(b);
     assert_no_workers(&b_id)
+}
+
+#[skyward::function]
+async fn hang(ms: u64) -> u32 {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    1
+}
+
+/// A call running on a node, one queued behind it, and a gather that submits more after the
+/// pool shut down: each gets `PoolClosed`, none hangs (the task manager's book is closed when
+/// its actor stops, whoever holds the book).
+async fn waiting_at_shutdown() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    // A gather window of one: the gather's second call is submitted only once its first is
+    // answered, which is after the shutdown.
+    let options = skyward::Options { max_in_flight: 1, ..skyward::Options::default() };
+    let pool = skyward::Compute::new(skyward::Local::default())
+        .nodes(1)
+        .worker(skyward::Worker { concurrency: 1 })
+        .options(options)
+        .start()
+        .await?;
+    let running = pool.submit(hang(60_000));
+    let queued = pool.submit(hang(60_000));
+    let gather = pool.gather_unordered((0..2).map(|_| hang(60_000)));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pool.stats().await?.running < 1 {
+        anyhow::ensure!(Instant::now() < deadline, "the first call never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    pool.shutdown().await?;
+    let closed = |r: Result<u32, skyward::Error>| -> anyhow::Result<()> {
+        match r {
+            Err(e) if matches!(e.task_error(), Some(skyward::TaskError::PoolClosed)) => Ok(()),
+            other => anyhow::bail!("expected PoolClosed, got {other:?}"),
+        }
+    };
+    let answers = tokio::time::timeout(Duration::from_secs(10), async {
+        let gathered: Vec<_> = gather.collect().await;
+        (running.await, queued.await, gathered)
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("a call waiting at shutdown was never answered"))?;
+    closed(answers.0)?;
+    closed(answers.1)?;
+    anyhow::ensure!(answers.2.len() == 2, "the gather yielded {} of its 2 calls", answers.2.len());
+    for (_, r) in answers.2 {
+        closed(r)?;
+    }
+    Ok(())
 }
 
 /// Start this test binary in a child mode, read the pool id it prints, optionally send SIGINT,

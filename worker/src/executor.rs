@@ -48,7 +48,7 @@ impl Waiter {
     }
 }
 
-type Waiters = Arc<Mutex<HashMap<u64, Waiter>>>;
+type Waiters = Arc<Mutex<skyward_proto::IdMap<u64, Waiter>>>;
 
 /// An actor operation's answer from the executor.
 pub type ActorAnswer = Result<Vec<u8>, skyward_proto::cluster::ClusterError>;
@@ -384,6 +384,8 @@ impl Executors {
                     }
                 };
                 decoder.push(&chunk[..n]);
+                // The answers this read brought go out to the coordinator in one write per lane.
+                let _cork = skyward_net::Cork::new();
                 loop {
                     match decoder.next::<FromExecutor>("FromExecutor") {
                         Ok(Some(FromExecutor::Ready { pid, functions })) => {

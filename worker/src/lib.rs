@@ -59,9 +59,9 @@ impl Sink {
 struct Core {
     session: WorkerSession,
     /// Output route per task: the stream the task's Submit or Resume arrived on.
-    task_sinks: HashMap<TaskId, Sink>,
+    task_sinks: skyward_proto::IdMap<TaskId, Sink>,
     control: Option<Sink>,
-    runners: HashMap<TaskId, Runner>,
+    runners: skyward_proto::IdMap<TaskId, Runner>,
 }
 
 struct Runner {
@@ -478,7 +478,7 @@ impl Worker {
         let mut members: Option<Members> = None;
         let mut next = Some(first);
         loop {
-            let mut message = match next.take() {
+            let message = match next.take() {
                 Some(m) => m,
                 None => match recv.next::<ToWorker>("ToWorker").await {
                     Ok(Some(m)) => m,
@@ -489,32 +489,58 @@ impl Worker {
                     }
                 },
             };
-            if let ToWorker::Submit { task, spec } = &mut message {
-                if let Some(update) = spec.members.take()
-                    && let Err(e) = Members::apply(&mut members, update)
-                {
-                    // Not expected: the coordinator tracks what each stream holds. The task fails
-                    // for want of facts rather than see the wrong ones.
-                    tracing::warn!(%task, error = %e, "membership update out of order");
-                    members = None;
+            // Every frame this read brought is handled under one cork: the calls they start go
+            // to the executor in one write.
+            let broken = {
+                let cork = skyward_net::Cork::new();
+                self.on_stream_message(message, &mut members, &sink);
+                let mut handled = 1usize;
+                loop {
+                    match recv.try_next::<ToWorker>("ToWorker") {
+                        Ok(Some(m)) => self.on_stream_message(m, &mut members, &sink),
+                        Ok(None) => break None,
+                        Err(e) => break Some(e),
+                    }
+                    handled += 1;
+                    if handled.is_multiple_of(skyward_net::CORK_BATCH) {
+                        cork.flush();
+                    }
                 }
-                spec.info = members.as_ref().map(|m| self.node_facts(m));
-            }
-            let route = match message {
-                ToWorker::Submit { task, .. } | ToWorker::Resume { task, .. } => Some(task),
-                ToWorker::OpenLane => continue,
-                // Cluster requests on a lane are answered on it, written directly.
-                ToWorker::ClusterRequest { id, op } => {
-                    self.cluster_request(id, &op, sink.clone());
-                    continue;
-                }
-                _ => None,
             };
-            self.handle_incoming(message, route.map(|t| (t, &sink)));
+            if let Some(e) = broken {
+                tracing::warn!(error = %e, "closing a task stream");
+                break;
+            }
         }
         // A task stream's writer finishes after its task's Done; a lane's writer ends with the
         // last clone of its sink.
         drop(writer);
+    }
+
+    /// One frame from a task stream or lane (see `serve_task_stream`).
+    fn on_stream_message(self: &Arc<Self>, mut message: ToWorker, members: &mut Option<Members>, sink: &Sink) {
+        if let ToWorker::Submit { task, spec } = &mut message {
+            if let Some(update) = spec.members.take()
+                && let Err(e) = Members::apply(members, update)
+            {
+                // Not expected: the coordinator tracks what each stream holds. The task fails
+                // for want of facts rather than see the wrong ones.
+                tracing::warn!(%task, error = %e, "membership update out of order");
+                *members = None;
+            }
+            spec.info = members.as_ref().map(|m| self.node_facts(m));
+        }
+        let route = match message {
+            ToWorker::Submit { task, .. } | ToWorker::Resume { task, .. } => Some(task),
+            ToWorker::OpenLane => return,
+            // Cluster requests on a lane are answered on it, written directly.
+            ToWorker::ClusterRequest { id, op } => {
+                self.cluster_request(id, &op, sink.clone());
+                return;
+            }
+            _ => None,
+        };
+        self.handle_incoming(message, route.map(|t| (t, sink)));
     }
 
     async fn serve_connection(self: &Arc<Self>, connection: quinn::Connection) -> Result<(), String> {
@@ -871,7 +897,7 @@ pub async fn run_with(config: WorkerConfig, inline: Option<InlineCalls>) -> anyh
         next_actor: std::sync::atomic::AtomicU64::new(1),
         config,
         epoch,
-        core: Mutex::new(Core { session, task_sinks: HashMap::new(), control: None, runners: HashMap::new() }),
+        core: Mutex::new(Core { session, task_sinks: Default::default(), control: None, runners: Default::default() }),
         exit: Mutex::new(None),
         exit_notify: Notify::new(),
         wake_timer: Notify::new(),

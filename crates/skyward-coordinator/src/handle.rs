@@ -2,7 +2,7 @@
 
 use crate::node::{OutputLine, TaskSinks};
 use crate::pool::{PoolMsg, PoolShared};
-use crate::task_manager::{Done, Placement, TaskRequest, TaskStats, TmMsg};
+use crate::task_manager::{Done, Placement, TaskManagerRef, TaskRequest, TaskStats, TmMsg};
 use futures::Stream;
 use ractor::ActorRef;
 use serde::Serialize;
@@ -122,7 +122,7 @@ struct Inner {
     shared: Arc<PoolShared>,
     /// The coordinator's way into the worker cluster (collections, actors).
     transport: Arc<dyn skyward_function::collections::Transport>,
-    tm: ActorRef<TmMsg>,
+    tm: TaskManagerRef,
     actor: OnceLock<ActorRef<PoolMsg>>,
     endpoint: quinn::Endpoint,
     acceptor: tokio::task::JoinHandle<()>,
@@ -153,9 +153,7 @@ impl Inner {
             initial_credit: self.shared.options.stream_window,
             _prepared: prepared,
         };
-        if let Err(ractor::MessagingErr::SendErr(TmMsg::Submit(request))) = self.tm.cast(TmMsg::Submit(Box::new(request))) {
-            let _ = request.reply.send(Done { result: Err(TaskError::PoolClosed), rank: None });
-        }
+        self.tm.submit(Box::new(request));
         (id, rx)
     }
 
@@ -225,7 +223,7 @@ pub struct Dispatch {
 impl Pool {
     pub(crate) fn new(
         shared: Arc<PoolShared>,
-        tm: ActorRef<TmMsg>,
+        tm: TaskManagerRef,
         endpoint: quinn::Endpoint,
         acceptor: tokio::task::JoinHandle<()>,
         attempts: Vec<skyward_provider::Attempt>,
@@ -378,7 +376,7 @@ impl Pool {
 
     /// Task counters.
     pub async fn stats(&self) -> Result<TaskStats, Error> {
-        let mut stats = ractor::call!(self.inner.tm, TmMsg::Stats).map_err(|e| Error::Shutdown(e.to_string()))?;
+        let mut stats = ractor::call!(self.inner.tm.actor(), TmMsg::Stats).map_err(|e| Error::Shutdown(e.to_string()))?;
         stats.busy_poll_threads = self.inner.shared.busy.threads();
         stats.busy_poll_spun = self.inner.shared.busy.spun();
         Ok(stats)
@@ -414,7 +412,7 @@ impl Pool {
 
     /// Run `call` on every ready node; results ordered by rank.
     pub async fn broadcast<R: DeserializeOwned>(&self, call: Call<R>) -> Result<Vec<R>, Error> {
-        let ranks = ractor::call!(self.inner.tm, TmMsg::Ranks).map_err(|e| Error::Shutdown(e.to_string()))?;
+        let ranks = ractor::call!(self.inner.tm.actor(), TmMsg::Ranks).map_err(|e| Error::Shutdown(e.to_string()))?;
         let handles: Vec<_> = ranks
             .into_iter()
             .map(|rank| self.submit_with(call.clone(), Dispatch { placement: Placement::Rank(rank), timeout: None }))
@@ -507,7 +505,7 @@ impl Pool {
 
     /// Run a command on every ready node; outputs ordered by rank.
     pub async fn broadcast_command(&self, command: Command) -> Result<Vec<CommandOutput>, Error> {
-        let ranks = ractor::call!(self.inner.tm, TmMsg::Ranks).map_err(|e| Error::Shutdown(e.to_string()))?;
+        let ranks = ractor::call!(self.inner.tm.actor(), TmMsg::Ranks).map_err(|e| Error::Shutdown(e.to_string()))?;
         let runs: Vec<_> = ranks.into_iter().map(|r| self.command_with(command.clone(), Placement::Rank(r))).collect();
         futures::future::try_join_all(runs).await
     }
@@ -574,7 +572,7 @@ impl Pool {
 
     fn finish_close(&self) {
         self.inner.shared.busy.stop();
-        self.inner.tm.stop(None);
+        self.inner.tm.stop();
         self.inner.acceptor.abort();
         self.inner.endpoint.close(0u32.into(), b"pool shut down");
         let id = &self.inner.shared.pool_id;
@@ -622,9 +620,17 @@ impl<I: Iterator<Item = Call<R>>, R: DeserializeOwned> InFlight<I, R> {
     }
 
     fn fill(&mut self) {
+        // The calls submitted here go out in one write per lane, in batches (the user's
+        // iterator makes each call: the first must not wait for a whole window of them).
+        let cork = skyward_net::Cork::new();
+        let mut submitted = 0usize;
         while self.running.len() < self.window {
             let Some((i, call)) = self.calls.next() else { break };
             self.running.push(Indexed(i, self.inner.submit_with(call, Dispatch { placement: Placement::Any, timeout: None })));
+            submitted += 1;
+            if submitted.is_multiple_of(skyward_net::CORK_BATCH) {
+                cork.flush();
+            }
         }
     }
 }
@@ -666,7 +672,7 @@ pub struct TaskHandle<R> {
     name: &'static str,
     rx: Option<oneshot::Receiver<Done>>,
     early: Option<Error>,
-    tm: ActorRef<TmMsg>,
+    tm: TaskManagerRef,
     _r: PhantomData<fn() -> R>,
 }
 
@@ -742,7 +748,7 @@ pub struct TaskStream<T> {
     items: mpsc::UnboundedReceiver<Vec<u8>>,
     done: Option<oneshot::Receiver<Done>>,
     early: Option<Error>,
-    tm: ActorRef<TmMsg>,
+    tm: TaskManagerRef,
     consumed: u32,
     window: u32,
     finished: bool,

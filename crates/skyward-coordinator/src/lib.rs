@@ -31,7 +31,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use task_manager::{TaskManager, TmArgs};
+use task_manager::{TaskManagerRef, TmArgs};
 
 /// Worker settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -478,9 +478,8 @@ impl Compute {
             busy: Arc::new(busy_poll::BusyPoll::new(self.options.busy_poll_cpus, self.options.busy_poll_window)),
         });
         let acceptor = tokio::spawn(pool::accept_loop(endpoint.clone(), Arc::clone(&shared)));
-        let (tm, _) = Actor::spawn(None, TaskManager, TmArgs { max_retries: self.options.max_retries })
-            .await
-            .map_err(|e| StartError::Actor(e.to_string()))?;
+        let tm =
+            TaskManagerRef::spawn(TmArgs { max_retries: self.options.max_retries }).await.map_err(|e| StartError::Actor(e.to_string()))?;
         let pool = Pool::new(Arc::clone(&shared), tm.clone(), endpoint, acceptor, attempts);
         let (actor, _) = Actor::spawn(None, PoolActor, PoolArgs { shared: Arc::clone(&shared), nodes, tm })
             .await

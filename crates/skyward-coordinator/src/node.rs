@@ -12,7 +12,7 @@
 
 use crate::binary::ShippedBinary;
 use crate::pool::PoolMsg;
-use crate::task_manager::TmMsg;
+use crate::task_manager::{TaskManagerRef, TmMsg};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use skyward_net::{FramedRecv, write_frame_shared, write_frames};
 use skyward_proto::Time;
@@ -64,11 +64,11 @@ pub(crate) struct NodeShared {
     pub(crate) node_id: String,
     epoch: Instant,
     session: Mutex<CoordinatorSession>,
-    sinks: Mutex<HashMap<TaskId, TaskSinks>>,
+    sinks: Mutex<skyward_proto::IdMap<TaskId, TaskSinks>>,
     control: Mutex<Option<mpsc::UnboundedSender<ToWorker>>>,
     connection: Mutex<Option<quinn::Connection>>,
     binary_waiters: Mutex<Vec<oneshot::Sender<bool>>>,
-    tm: ActorRef<TmMsg>,
+    tm: TaskManagerRef,
     node_actor: Mutex<Option<ActorRef<NodeMsg>>>,
     max_frame: usize,
     /// Long-lived streams that carry small unary tasks (see [`LANES`]); empty until opened.
@@ -86,7 +86,7 @@ pub(crate) struct NodeShared {
     /// (`skyward_net::shm::Probe`): large arguments go to it through shared memory.
     same_host: std::sync::atomic::AtomicBool,
     /// The shared-memory arguments of this node's tasks, held open until each task is forgotten.
-    held: Mutex<HashMap<TaskId, Arc<SharedArgs>>>,
+    held: Mutex<skyward_proto::IdMap<TaskId, Arc<SharedArgs>>>,
     /// The pool's busy poller: touched on every send to and message from this node.
     busy: Arc<crate::busy_poll::BusyPoll>,
 }
@@ -189,9 +189,30 @@ async fn open_lanes(shared: Arc<NodeShared>, connection: quinn::Connection) {
         tokio::spawn(async move {
             let mut recv = FramedRecv::new(recv, reader_shared.max_frame);
             loop {
-                match recv.next::<ToCoordinator>("ToCoordinator").await {
-                    Ok(Some(message)) => reader_shared.process(message),
+                let next = match recv.next::<ToCoordinator>("ToCoordinator").await {
+                    // Every answer this read brought is handled under one cork: the tasks
+                    // dispatched into the slots they free go out in one write per lane.
+                    Ok(Some(message)) => {
+                        let cork = skyward_net::Cork::new();
+                        reader_shared.process(message);
+                        let mut handled = 1usize;
+                        loop {
+                            match recv.try_next::<ToCoordinator>("ToCoordinator") {
+                                Ok(Some(message)) => reader_shared.process(message),
+                                Ok(None) => break Ok(()),
+                                Err(e) => break Err(e),
+                            }
+                            handled += 1;
+                            if handled.is_multiple_of(skyward_net::CORK_BATCH) {
+                                cork.flush();
+                            }
+                        }
+                    }
                     Ok(None) => break,
+                    Err(e) => Err(e),
+                };
+                match next {
+                    Ok(()) => {}
                     Err(skyward_net::RecvError::Protocol(e)) => {
                         // A lane out of sync loses the replies of every task on it. Drop the whole
                         // connection: the worker redials and every task in flight is resumed.
@@ -269,7 +290,7 @@ impl NodeShared {
             match event {
                 NodeEvent::Completed { task, outcome } => {
                     self.sinks.lock().expect("sinks lock").remove(&task);
-                    let _ = self.tm.cast(TmMsg::Completed { task, rank: self.rank, outcome });
+                    self.tm.completed(task, self.rank, outcome);
                 }
                 NodeEvent::Item { task, payload, .. } => {
                     if let Some(items) = self.sinks.lock().expect("sinks lock").get(&task).and_then(|s| s.items.as_ref()) {
@@ -386,8 +407,22 @@ impl NodeHandle {
             };
             if let Some((lane, since)) = lane {
                 spec.members = members(since);
-                let submit = shared.session.lock().expect("session lock").submit(task, spec);
-                if lane.send(&submit).is_ok() {
+                // Acks held by the session go ahead of the submit, in the same write.
+                let (acks, submit, current) = {
+                    let mut session = shared.session.lock().expect("session lock");
+                    let acks: Vec<ToWorker> = session.take_acks().collect();
+                    let submit = session.submit(task, spec);
+                    // Still a lane of the current connection, checked after the task is in the
+                    // session: a new connection clears the lanes before its hello resumes the
+                    // session's tasks, so a task on a lane that is gone by now would be resumed
+                    // by no one (and under a cork, the failed write would not show here).
+                    let current = shared.lanes.lock().expect("lanes lock").iter().any(|l| l.writer.same_stream(&lane));
+                    (acks, submit, current)
+                };
+                // An ack lost with a closed lane is harmless: the worker reports the results it
+                // still holds when it reconnects, and they are acked then.
+                let _acked = current && acks.iter().all(|ack| lane.send(ack).is_ok());
+                if current && lane.send(&submit).is_ok() {
                     return through_memory;
                 }
                 // The lane closed with its connection: the task gets a stream of its own.
@@ -600,7 +635,7 @@ pub(crate) fn new_shared(
     node_id: String,
     rank: u32,
     session: CoordinatorSession,
-    tm: ActorRef<TmMsg>,
+    tm: TaskManagerRef,
     pool: &crate::pool::PoolShared,
 ) -> Arc<NodeShared> {
     let (epoch, max_frame, cluster) = (pool.epoch, pool.options.max_frame, Arc::clone(&pool.cluster));
@@ -609,7 +644,7 @@ pub(crate) fn new_shared(
         node_id,
         epoch,
         session: Mutex::new(session),
-        sinks: Mutex::new(HashMap::new()),
+        sinks: Mutex::default(),
         control: Mutex::new(None),
         connection: Mutex::new(None),
         binary_waiters: Mutex::new(Vec::new()),
@@ -624,7 +659,7 @@ pub(crate) fn new_shared(
         pool_same_host: Arc::clone(&pool.same_host),
         busy: Arc::clone(&pool.busy),
         same_host: std::sync::atomic::AtomicBool::new(false),
-        held: Mutex::new(HashMap::new()),
+        held: Mutex::default(),
     })
 }
 

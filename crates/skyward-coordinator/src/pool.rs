@@ -9,7 +9,7 @@ use crate::Options;
 use crate::binary::ShippedBinary;
 use crate::node::{self, Node, NodeArgs, NodeMsg, NodeShared};
 use crate::provisioner::{Provisioner, ProvisionerArgs, ProvisionerMsg};
-use crate::task_manager::TmMsg;
+use crate::task_manager::{TaskManagerRef, TmMsg};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -96,13 +96,13 @@ pub(crate) struct PoolActor;
 pub(crate) struct PoolArgs {
     pub(crate) shared: Arc<PoolShared>,
     pub(crate) nodes: u32,
-    pub(crate) tm: ActorRef<TmMsg>,
+    pub(crate) tm: TaskManagerRef,
 }
 
 pub(crate) struct PoolState {
     shared: Arc<PoolShared>,
     desired: u32,
-    tm: ActorRef<TmMsg>,
+    tm: TaskManagerRef,
     provisioner: Option<ActorRef<ProvisionerMsg>>,
     nodes: HashMap<u32, NodeRecord>,
     waiters: Vec<RpcReplyPort<Result<Vec<WorkerFacts>, StartFailure>>>,
@@ -235,7 +235,7 @@ impl Actor for PoolActor {
             myself.get_cell(),
         )
         .await?;
-        args.tm.get_cell().link(myself.get_cell());
+        args.tm.actor().get_cell().link(myself.get_cell());
         let mut state = PoolState {
             shared: args.shared,
             desired: args.nodes,

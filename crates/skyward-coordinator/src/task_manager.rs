@@ -2,16 +2,29 @@
 //!
 //! Supervision: the TaskManager supervises nothing; its parent is the `Pool`. If it fails, the
 //! pool fails (every waiting caller gets `PoolClosed`), because task bookkeeping cannot be rebuilt.
+//! That includes a panic while booking on a caller's or reader's thread (`TaskManagerRef::apply`).
+//!
+//! Hot path: the manager's book (its state) sits behind a short lock shared by the actor and
+//! every [`TaskManagerRef`]. A submit is booked and dispatched on the caller's thread, and a
+//! completion is booked (and the next queued task dispatched) on the thread that read it from
+//! the node (a lane's or task stream's reader, or the control stream's): no mailbox hop on either
+//! side of a round trip. Everything else (nodes joining and
+//! lost, cancels, timeouts, credit, stats, close) goes through the actor's mailbox as before and
+//! is applied under the same lock, so the book sees one order of events either way. When the
+//! actor ends, for whatever reason, its state's guard closes the book: every waiting caller
+//! and every later submit gets `PoolClosed`.
 //!
 //! Delivery: each task's reply port is used once. A completion from a node that no longer owns the
 //! task (it was re-queued after the node was lost) is dropped, so no result is delivered twice.
 
 use crate::node::{NodeHandle, TaskSinks};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use skyward_proto::IdMap;
 use skyward_proto::error::TaskError;
 use skyward_proto::members::MembersLog;
 use skyward_proto::message::{Outcome, TaskId, TaskKind};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
@@ -53,12 +66,6 @@ pub(crate) struct TaskRequest {
 /// Messages of the task manager.
 #[derive(Debug)]
 pub(crate) enum TmMsg {
-    Submit(Box<TaskRequest>),
-    Completed {
-        task: TaskId,
-        rank: u32,
-        outcome: Outcome,
-    },
     Forgotten {
         task: TaskId,
         rank: u32,
@@ -88,6 +95,8 @@ pub(crate) enum TmMsg {
     Ranks(RpcReplyPort<Vec<u32>>),
     Stats(RpcReplyPort<TaskStats>),
     Close,
+    /// The bookkeeping panicked on a caller's or reader's thread: fail, so the pool fails.
+    Failed,
 }
 
 /// Counters for progress and tests.
@@ -134,15 +143,15 @@ pub(crate) struct TmArgs {
     pub(crate) max_retries: u32,
 }
 
-pub(crate) struct TmState {
-    nodes: HashMap<u32, Slot>,
+struct TmState {
+    nodes: IdMap<u32, Slot>,
     order: Vec<u32>,
     cursor: usize,
     /// Tasks for any node, in arrival order. Cancelled ids are skipped lazily.
     queue: VecDeque<TaskId>,
     /// Tasks pinned to a rank, per rank.
-    pinned: HashMap<u32, VecDeque<TaskId>>,
-    tasks: HashMap<TaskId, Entry>,
+    pinned: IdMap<u32, VecDeque<TaskId>>,
+    tasks: IdMap<TaskId, Entry>,
     max_retries: u32,
     /// Ready nodes' addresses by rank, numbered by epoch, with recent changes: streams get what
     /// changed since the task before (see `skyward_proto::members`).
@@ -275,67 +284,186 @@ impl TmState {
     }
 }
 
-impl Actor for TaskManager {
-    type Msg = TmMsg;
-    type State = TmState;
-    type Arguments = TmArgs;
-
-    async fn pre_start(&self, _myself: ActorRef<TmMsg>, args: TmArgs) -> Result<TmState, ActorProcessingErr> {
-        Ok(TmState {
-            nodes: HashMap::new(),
+impl TmState {
+    fn new(max_retries: u32) -> Self {
+        TmState {
+            nodes: IdMap::default(),
             order: Vec::new(),
             cursor: 0,
             queue: VecDeque::new(),
-            pinned: HashMap::new(),
-            tasks: HashMap::new(),
-            max_retries: args.max_retries,
+            pinned: IdMap::default(),
+            tasks: IdMap::default(),
+            max_retries,
             members: MembersLog::default(),
             stats: TaskStats::default(),
             closed: false,
-        })
+        }
     }
 
-    async fn handle(&self, myself: ActorRef<TmMsg>, message: TmMsg, state: &mut TmState) -> Result<(), ActorProcessingErr> {
+    /// Book a new task and dispatch it when a slot is free and nothing waits ahead of it.
+    fn submit(&mut self, request: Box<TaskRequest>, me: &ActorRef<TmMsg>, runtime: &tokio::runtime::Handle) {
+        if self.closed {
+            let _ = request.reply.send(Done { result: Err(TaskError::PoolClosed), rank: None });
+            return;
+        }
+        let id = request.id;
+        let timer = request.timeout.map(|after| {
+            let me = me.clone();
+            runtime
+                .spawn(async move {
+                    tokio::time::sleep(after).await;
+                    let _ = me.cast(TmMsg::TimedOut { task: id, after });
+                })
+                .abort_handle()
+        });
+        let placement = request.placement;
+        self.tasks.insert(id, Entry { request, attempts: 0, running_on: None, timer });
+        let nothing_ahead = match placement {
+            Placement::Any => self.queue.is_empty(),
+            Placement::Rank(r) => !self.pinned.contains_key(&r),
+        };
+        if nothing_ahead && let Some(rank) = self.pick(placement) {
+            self.dispatch(id, rank);
+        } else {
+            self.enqueue_back(id, placement);
+        }
+    }
+
+    /// A node finished `task`: answer its caller (unless another node owns it now) and fill
+    /// the freed slot.
+    fn completed(&mut self, task: TaskId, rank: u32, outcome: Outcome) {
+        let owned = self.tasks.get(&task).is_some_and(|e| e.running_on == Some(rank));
+        if owned {
+            let result = match outcome {
+                Outcome::Value(bytes) => Ok(bytes),
+                Outcome::Error(e) => Err(TaskError::Remote(e)),
+                Outcome::Cancelled => Err(TaskError::Cancelled),
+            };
+            self.finish(task, result);
+            self.drain();
+        }
+    }
+
+    /// No more tasks: every waiting caller gets `PoolClosed`, and so does every later submit.
+    /// The nodes are let go too (each node holds a handle on this book: keeping them would keep
+    /// the pool's node state alive after its shutdown).
+    fn close(&mut self) {
+        self.closed = true;
+        let tasks: Vec<TaskId> = self.tasks.keys().copied().collect();
+        for task in tasks {
+            self.finish(task, Err(TaskError::PoolClosed));
+        }
+        self.queue.clear();
+        self.pinned.clear();
+        self.nodes.clear();
+        self.order.clear();
+        self.members = MembersLog::default();
+    }
+}
+
+/// The task manager's state, shared by its actor and the hot path (see the module doc).
+pub(crate) struct Book {
+    state: Mutex<TmState>,
+    /// The pool's runtime: timers and task streams started from a caller's thread run there.
+    runtime: tokio::runtime::Handle,
+}
+
+impl Book {
+    /// The state. After a panic under the lock the bookkeeping cannot be trusted: the book is
+    /// closed (every waiting caller and every later submit gets `PoolClosed`).
+    fn lock(&self) -> MutexGuard<'_, TmState> {
+        self.state.lock().unwrap_or_else(|poisoned| {
+            let mut state = poisoned.into_inner();
+            if !state.closed {
+                state.close();
+            }
+            state
+        })
+    }
+}
+
+/// A handle on the task manager: its actor for the rare events, its book for the hot path.
+#[derive(Clone)]
+pub(crate) struct TaskManagerRef {
+    actor: ActorRef<TmMsg>,
+    book: Arc<Book>,
+}
+
+impl TaskManagerRef {
+    /// Start the task manager on the current runtime.
+    pub(crate) async fn spawn(args: TmArgs) -> Result<Self, ractor::SpawnErr> {
+        let book = Arc::new(Book { state: Mutex::new(TmState::new(args.max_retries)), runtime: tokio::runtime::Handle::current() });
+        let (actor, _) = Actor::spawn(None, TaskManager, Arc::clone(&book)).await?;
+        Ok(Self { actor, book })
+    }
+
+    /// Book and dispatch a task on this thread (writes its submit on a lane when it is small).
+    pub(crate) fn submit(&self, request: Box<TaskRequest>) {
+        self.apply(|state| state.submit(request, &self.actor, &self.book.runtime));
+    }
+
+    /// Book a node's answer on this thread; dispatches the next queued task into the freed slot.
+    pub(crate) fn completed(&self, task: TaskId, rank: u32, outcome: Outcome) {
+        self.apply(|state| state.completed(task, rank, outcome));
+    }
+
+    /// Apply an event to the book on this thread. A caller outside any runtime (a plain thread)
+    /// still dispatches: a large task's stream and a timer start on the pool's runtime. A panic
+    /// here is a bug in the bookkeeping: the book is closed and the actor fails, which fails the
+    /// pool (as a panic in the actor's own handler would), instead of unwinding into the caller
+    /// or a lane reader.
+    fn apply(&self, event: impl FnOnce(&mut TmState)) {
+        let _runtime = self.book.runtime.enter();
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| event(&mut self.book.lock())));
+        if applied.is_err() {
+            tracing::error!("the task manager's bookkeeping panicked; the pool fails");
+            // The lock is poisoned: taking it closes the book.
+            drop(self.book.lock());
+            let _ = self.actor.cast(TmMsg::Failed);
+        }
+    }
+
+    /// Send one of the actor's messages.
+    pub(crate) fn cast(&self, message: TmMsg) -> Result<(), ractor::MessagingErr<TmMsg>> {
+        self.actor.cast(message)
+    }
+
+    /// The actor (calls, supervision links).
+    pub(crate) fn actor(&self) -> &ActorRef<TmMsg> {
+        &self.actor
+    }
+
+    /// Stop the actor; its guard closes the book.
+    pub(crate) fn stop(&self) {
+        self.actor.stop(None);
+    }
+}
+
+/// The actor's state: the shared book, closed when the actor ends however it ends (stopped,
+/// failed, or panicked in a handler), since ractor drops its state then.
+pub(crate) struct TmActorState {
+    book: Arc<Book>,
+}
+
+impl Drop for TmActorState {
+    fn drop(&mut self) {
+        self.book.lock().close();
+    }
+}
+
+impl Actor for TaskManager {
+    type Msg = TmMsg;
+    type State = TmActorState;
+    type Arguments = Arc<Book>;
+
+    async fn pre_start(&self, _myself: ActorRef<TmMsg>, book: Arc<Book>) -> Result<TmActorState, ActorProcessingErr> {
+        Ok(TmActorState { book })
+    }
+
+    async fn handle(&self, _myself: ActorRef<TmMsg>, message: TmMsg, actor: &mut TmActorState) -> Result<(), ActorProcessingErr> {
+        let mut state = actor.book.lock();
+        let state = &mut *state;
         match message {
-            TmMsg::Submit(request) => {
-                if state.closed {
-                    let _ = request.reply.send(Done { result: Err(TaskError::PoolClosed), rank: None });
-                    return Ok(());
-                }
-                let id = request.id;
-                let timer = request.timeout.map(|after| {
-                    let me = myself.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(after).await;
-                        let _ = me.cast(TmMsg::TimedOut { task: id, after });
-                    })
-                    .abort_handle()
-                });
-                state.tasks.insert(id, Entry { request, attempts: 0, running_on: None, timer });
-                // Fast path: nothing queued ahead of it, dispatch right away.
-                let placement = state.tasks[&id].request.placement;
-                let nothing_ahead = match placement {
-                    Placement::Any => state.queue.is_empty(),
-                    Placement::Rank(r) => !state.pinned.contains_key(&r),
-                };
-                if nothing_ahead && let Some(rank) = state.pick(placement) {
-                    state.dispatch(id, rank);
-                } else {
-                    state.enqueue_back(id, placement);
-                }
-            }
-            TmMsg::Completed { task, rank, outcome } => {
-                let owned = state.tasks.get(&task).is_some_and(|e| e.running_on == Some(rank));
-                if owned {
-                    let result = match outcome {
-                        Outcome::Value(bytes) => Ok(bytes),
-                        Outcome::Error(e) => Err(TaskError::Remote(e)),
-                        Outcome::Cancelled => Err(TaskError::Cancelled),
-                    };
-                    state.finish(task, result);
-                    state.drain();
-                }
-            }
             TmMsg::Forgotten { task, rank } => {
                 if state.tasks.get(&task).is_some_and(|e| e.running_on == Some(rank)) {
                     if let Some(slot) = state.nodes.get_mut(&rank) {
@@ -349,6 +477,8 @@ impl Actor for TaskManager {
             TmMsg::RankRetired { rank } => {
                 state.retire_rank(rank);
             }
+            // A closed book keeps no node (see `close`).
+            TmMsg::NodeReady { .. } if state.closed => {}
             TmMsg::NodeReady { node } => {
                 let rank = node.rank;
                 let capacity = node.slots.max(1);
@@ -418,15 +548,8 @@ impl Actor for TaskManager {
                 stats.shared_memory_objects = objects.len();
                 let _ = reply.send(stats);
             }
-            TmMsg::Close => {
-                state.closed = true;
-                let tasks: Vec<TaskId> = state.tasks.keys().copied().collect();
-                for task in tasks {
-                    state.finish(task, Err(TaskError::PoolClosed));
-                }
-                state.queue.clear();
-                state.pinned.clear();
-            }
+            TmMsg::Close => state.close(),
+            TmMsg::Failed => return Err("the task manager's bookkeeping panicked on the hot path".into()),
         }
         Ok(())
     }

@@ -75,7 +75,7 @@ pub enum ExecutorError {
     Io(#[from] std::io::Error),
 }
 
-type Calls = Arc<Mutex<HashMap<u64, (tokio::task::AbortHandle, Option<Arc<Semaphore>>)>>>;
+type Calls = Arc<Mutex<skyward_proto::IdMap<u64, (tokio::task::AbortHandle, Option<Arc<Semaphore>>)>>>;
 
 type ClusterAnswer = Result<skyward_proto::cluster::Reply, skyward_proto::cluster::ClusterError>;
 
@@ -120,6 +120,9 @@ impl crate::collections::Transport for ExecutorTransport {
     }
 }
 
+/// A call that runs this long before its first wait sends what its batch has finished so far.
+const HOLD_AT_MOST: std::time::Duration = std::time::Duration::from_micros(200);
+
 /// Serve calls on the socket at `path` until the worker closes it.
 pub async fn serve(path: &str) -> Result<(), ExecutorError> {
     install_panic_hook();
@@ -143,7 +146,11 @@ pub async fn serve(path: &str) -> Result<(), ExecutorError> {
             break;
         }
         decoder.push(&chunk[..n]);
+        // The answers of the calls this read brought go back in one write, unless a call keeps
+        // the batch long: then what is done goes out at once.
+        let cork = skyward_net::Cork::new();
         while let Some(message) = decoder.next::<ToExecutor>("ToExecutor")? {
+            let started = std::time::Instant::now();
             match message {
                 ToExecutor::ClusterReply { id, result } => {
                     if let Some(waiter) = transport.pending.lock().expect("pending lock").remove(&id) {
@@ -161,6 +168,9 @@ pub async fn serve(path: &str) -> Result<(), ExecutorError> {
                 _ => {}
             }
             handle(message, &tx, &calls, &mut info);
+            if started.elapsed() > HOLD_AT_MOST {
+                cork.flush();
+            }
         }
     }
     TRANSPORT.lock().expect("transport lock").take();

@@ -10,10 +10,16 @@
 //! A frame with a large shared field (`skyward_proto::codec::shared_bytes`, a task's arguments)
 //! is written as chunks and queued by reference: a 256 MiB argument is never copied into the
 //! backlog.
+//!
+//! Corking: a reader that handles a batch of frames at once (all the frames one read brought)
+//! holds a [`Cork`] while it does. Frames sent on this thread meanwhile are queued, and each
+//! writer they went to writes its queue in one go when the cork is dropped: one write (one
+//! syscall on a socket) per batch instead of one per frame, and no wait for a frame sent alone.
 
 use bytes::Bytes;
 use serde::Serialize;
 use skyward_proto::codec::{self, Frame};
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -39,6 +45,8 @@ struct State<W> {
     /// The writer task is flushing; direct writes wait their turn behind the backlog.
     flushing: bool,
     closed: bool,
+    /// Frames sent under a [`Cork`] wait in the backlog; this writer is on the cork's list.
+    corked: bool,
 }
 
 /// Queued bytes: small frames gathered into one buffer (one write for many frames), large shared
@@ -104,11 +112,109 @@ impl<W> std::fmt::Debug for DirectWriter<W> {
     }
 }
 
+/// A reader that keeps finding frames flushes its cork every this many, so a long burst is
+/// written in batches of this size instead of all at its end.
+pub const CORK_BATCH: usize = 64;
+
+thread_local! {
+    /// Corks held on this thread (nested corks flush when the outermost is dropped).
+    static CORK_DEPTH: Cell<usize> = const { Cell::new(0) };
+    /// Writers with frames queued under this thread's cork.
+    static CORKED: RefCell<Vec<Arc<dyn Uncork>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// While alive, frames sent on this thread through any [`DirectWriter`] are queued, and each
+/// writer writes its queue when the (outermost) cork is dropped. Not `Send`: it cannot be held
+/// across an `.await` in a spawned task, so frames never wait on a suspended task.
+#[must_use = "frames are queued only while the cork is held"]
+#[derive(Debug)]
+pub struct Cork {
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Cork {
+    /// Cork this thread's writers until the returned guard is dropped.
+    pub fn new() -> Self {
+        CORK_DEPTH.set(CORK_DEPTH.get() + 1);
+        Cork { _not_send: std::marker::PhantomData }
+    }
+}
+
+impl Cork {
+    /// Write what is queued now, keeping the cork (a batch whose handling takes long should not
+    /// hold back the answers it already has). Only the outermost cork flushes.
+    pub fn flush(&self) {
+        if CORK_DEPTH.get() == 1 {
+            uncork_all();
+        }
+    }
+}
+
+fn uncork_all() {
+    for writer in CORKED.with_borrow_mut(std::mem::take) {
+        writer.uncork();
+    }
+}
+
+impl Default for Cork {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Cork {
+    fn drop(&mut self) {
+        let depth = CORK_DEPTH.get() - 1;
+        CORK_DEPTH.set(depth);
+        if depth == 0 {
+            uncork_all();
+        }
+    }
+}
+
+/// A writer with frames queued under a cork.
+trait Uncork {
+    /// Write what was queued (directly when the stream takes it, else through the writer task).
+    fn uncork(&self);
+}
+
+impl<W: AsyncWrite + Unpin> Uncork for Shared<W> {
+    fn uncork(&self) {
+        let mut state = self.state.lock().expect("writer lock");
+        state.corked = false;
+        if state.closed || state.flushing || state.backlog.is_empty() {
+            // Closed: nothing more goes out. Flushing: the writer task takes the queue with it.
+            return;
+        }
+        if state.backlog.chunks.is_empty() {
+            let tail = std::mem::take(&mut state.backlog.tail);
+            match state.write_now(&tail) {
+                Ok(n) if n == tail.len() => return,
+                Ok(n) => {
+                    let mut rest = tail;
+                    rest.drain(..n);
+                    state.backlog.tail = rest;
+                }
+                Err(WriterClosed) => return,
+            }
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+}
+
+impl<W> DirectWriter<W> {
+    /// Whether `other` writes to the same stream.
+    pub fn same_stream(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+}
+
 impl<W: AsyncWrite + Unpin + Send + 'static> DirectWriter<W> {
     /// Take over `stream` and start its writer task on the current runtime.
     pub fn new(stream: W) -> Self {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { stream, backlog: Backlog::default(), flushing: false, closed: false }),
+            state: Mutex::new(State { stream, backlog: Backlog::default(), flushing: false, closed: false, corked: false }),
             wake: Notify::new(),
         });
         let task = tokio::spawn(flush(Arc::clone(&shared)));
@@ -121,6 +227,18 @@ impl<W: AsyncWrite + Unpin + Send + 'static> DirectWriter<W> {
         let mut state = self.shared.state.lock().expect("writer lock");
         if state.closed {
             return Err(WriterClosed);
+        }
+        if CORK_DEPTH.get() > 0 {
+            match frame {
+                Frame::Whole(frame) => state.backlog.tail.extend_from_slice(&frame),
+                Frame::Chunks(chunks) => chunks.into_iter().for_each(|chunk| state.backlog.push(chunk)),
+            }
+            if !state.corked {
+                state.corked = true;
+                let shared: Arc<dyn Uncork> = Arc::clone(&self.shared) as Arc<dyn Uncork>;
+                CORKED.with_borrow_mut(|corked| corked.push(shared));
+            }
+            return Ok(());
         }
         let direct = !state.flushing && state.backlog.is_empty();
         match frame {
@@ -214,6 +332,88 @@ mod tests {
     fn call(id: u64, len: usize) -> ToExecutor {
         let args: Vec<u8> = (0..len).map(|i| (i as u64 * 7 + id) as u8).collect();
         ToExecutor::Call { id, name: format!("f{id}"), args: Bytes::from(args).into(), info: None, streaming: false, credit: 0 }
+    }
+
+    /// A stream that takes everything and records each write it was given.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            self.0.lock().expect("recorder").push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl Recorder {
+        fn writes(&self) -> usize {
+            self.0.lock().expect("recorder").len()
+        }
+
+        fn frames(&self) -> Vec<ToExecutor> {
+            let mut decoder = FrameDecoder::new(codec::DEFAULT_MAX_FRAME);
+            self.0.lock().expect("recorder").iter().for_each(|w| decoder.push(w));
+            std::iter::from_fn(|| decoder.next::<ToExecutor>("ToExecutor").expect("valid frame")).collect()
+        }
+    }
+
+    /// Under a cork nothing is written; dropping it writes each writer's frames in one write,
+    /// in order. Nested corks write at the outermost; `flush` writes at once; uncorked frames
+    /// are written one write each.
+    #[tokio::test]
+    async fn a_cork_writes_its_frames_in_one_write_when_dropped() {
+        let (a, b) = (Recorder::default(), Recorder::default());
+        let (to_a, to_b) = (DirectWriter::new(a.clone()), DirectWriter::new(b.clone()));
+        let sent: Vec<ToExecutor> = (0..6).map(|id| call(id, 16)).collect();
+        {
+            let outer = Cork::new();
+            to_a.send(&sent[0]).expect("open");
+            to_b.send(&sent[1]).expect("open");
+            {
+                let _inner = Cork::new();
+                to_a.send(&sent[2]).expect("open");
+            }
+            assert_eq!((a.writes(), b.writes()), (0, 0), "an inner cork wrote");
+            to_a.send(&sent[3]).expect("open");
+            assert_eq!(a.writes(), 0, "a corked frame was written");
+            outer.flush();
+            assert_eq!((a.writes(), b.writes()), (1, 1), "flush writes each writer's queue once");
+            to_a.send(&sent[4]).expect("open");
+            assert_eq!(a.writes(), 1, "the cork was lost by flushing");
+        }
+        assert_eq!(a.writes(), 2, "dropping the cork did not write");
+        assert_eq!(a.frames(), vec![sent[0].clone(), sent[2].clone(), sent[3].clone(), sent[4].clone()]);
+        assert_eq!(b.frames(), vec![sent[1].clone()]);
+        to_a.send(&sent[5]).expect("open");
+        assert_eq!(a.writes(), 3, "an uncorked frame waits");
+    }
+
+    /// A frame sent from another thread while this thread holds corked frames for the same
+    /// writer goes out after them, never before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_from_another_thread_queue_behind_corked_ones() {
+        let out = Recorder::default();
+        let writer = DirectWriter::new(out.clone());
+        let sent: Vec<ToExecutor> = (0..3).map(|id| call(id, 16)).collect();
+        let cork = Cork::new();
+        writer.send(&sent[0]).expect("open");
+        writer.send(&sent[1]).expect("open");
+        let other = writer.clone();
+        let late = sent[2].clone();
+        std::thread::spawn(move || other.send(&late).expect("open")).join().expect("thread");
+        drop(cork);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while out.frames().len() < 3 {
+            assert!(std::time::Instant::now() < deadline, "frames were lost: {:?}", out.frames());
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(out.frames(), sent);
     }
 
     /// A stream that takes a few KiB at a time: large frames (sent as shared chunks) and small

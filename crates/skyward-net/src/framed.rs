@@ -49,6 +49,31 @@ impl FramedRecv {
         }
     }
 
+    /// The next message when it can be had without waiting: already buffered, or in data the
+    /// stream holds now. `None` means "not yet" (or the end, which [`FramedRecv::next`] reports).
+    /// Lets a reader handle every frame one read brought under one [`crate::Cork`].
+    pub fn try_next<T: DeserializeOwned>(&mut self, what: &'static str) -> Result<Option<T>, RecvError> {
+        use std::future::Future;
+        loop {
+            if let Some(message) = self.decoder.next::<T>(what)? {
+                return Ok(Some(message));
+            }
+            if self.finished {
+                return Ok(None);
+            }
+            // A no-op waker is safe here: the caller's next `next().await` polls the stream
+            // again and registers its own before it waits.
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            let read = std::pin::pin!(self.recv.read_chunk(1024 * 1024, true));
+            match read.poll(&mut cx) {
+                std::task::Poll::Ready(Ok(Some(chunk))) => self.decoder.push(&chunk.bytes),
+                std::task::Poll::Ready(Ok(None)) => self.finished = true,
+                std::task::Poll::Ready(Err(e)) => return Err(e.into()),
+                std::task::Poll::Pending => return Ok(None),
+            }
+        }
+    }
+
     /// Change the frame size limit.
     pub fn set_max_frame(&mut self, max: usize) {
         self.decoder.set_max(max);

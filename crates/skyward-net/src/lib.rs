@@ -14,7 +14,7 @@ pub mod shm;
 pub mod tls;
 pub mod tunnel;
 
-pub use direct::{DirectWriter, LaneWriter, UnixFrameWriter, WriterClosed};
+pub use direct::{CORK_BATCH, Cork, DirectWriter, LaneWriter, UnixFrameWriter, WriterClosed};
 pub use framed::{FramedRecv, RecvError, WriteError, write_frame_shared, write_frames};
 pub use tls::{CertBundle, PoolCa, TlsError};
 pub use tunnel::{Attachment, BoxTunnelIo, TunnelIo, TunnelSocket};

@@ -5,12 +5,12 @@
 //! oldest outcome goes first (it is the one the coordinator has most likely received).
 
 use crate::message::{Outcome, TaskId};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 /// Bounded map from task to outcome, evicting oldest first.
 #[derive(Debug)]
 pub struct ResultCache {
-    entries: HashMap<TaskId, (Outcome, u64)>,
+    entries: crate::IdMap<TaskId, (Outcome, u64)>,
     /// Insertion order with each insertion's generation; an id whose entry was removed and
     /// inserted again has a stale older record here, which eviction skips.
     order: VecDeque<(TaskId, u64)>,
@@ -31,7 +31,7 @@ fn outcome_size(outcome: &Outcome) -> usize {
 impl ResultCache {
     /// A cache holding at most `max_entries` outcomes and `max_bytes` bytes of them.
     pub fn new(max_entries: usize, max_bytes: usize) -> Self {
-        Self { entries: HashMap::new(), order: VecDeque::new(), generation: 0, bytes: 0, max_entries, max_bytes }
+        Self { entries: Default::default(), order: VecDeque::new(), generation: 0, bytes: 0, max_entries, max_bytes }
     }
 
     /// Keep `outcome` for `task`.

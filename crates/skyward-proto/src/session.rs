@@ -24,8 +24,8 @@ use crate::cache::ResultCache;
 use crate::error::ProtocolError;
 use crate::message::*;
 use crate::{PROTOCOL_VERSION, Time};
+use std::collections::VecDeque;
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 // ---------------------------------------------------------------------------------------------
@@ -132,11 +132,11 @@ pub struct WorkerSession {
     rank: Option<u32>,
     refused: bool,
     last_heard: Time,
-    running: HashMap<TaskId, RunningTask>,
+    running: crate::IdMap<TaskId, RunningTask>,
     cache: ResultCache,
     /// Unacknowledged stream items of finished tasks, kept while their outcome is cached: a resume
     /// must deliver them before the outcome or the stream would have a gap.
-    finished_items: HashMap<TaskId, VecDeque<(u64, Vec<u8>)>>,
+    finished_items: crate::IdMap<TaskId, VecDeque<(u64, Vec<u8>)>>,
     transmit: VecDeque<ToCoordinator>,
     events: VecDeque<WorkerEvent>,
     silent_reported: bool,
@@ -152,9 +152,9 @@ impl WorkerSession {
             rank: None,
             refused: false,
             last_heard: now,
-            running: HashMap::new(),
+            running: Default::default(),
             cache,
-            finished_items: HashMap::new(),
+            finished_items: Default::default(),
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             silent_reported: false,
@@ -464,10 +464,18 @@ pub struct CoordinatorSession {
     last_heard: Time,
     next_heartbeat: Time,
     heartbeat_seq: u64,
-    in_flight: HashMap<TaskId, InFlight>,
+    in_flight: crate::IdMap<TaskId, InFlight>,
+    /// Acks held back (see [`CoordinatorSession::take_acks`]).
+    acks: Vec<TaskId>,
     transmit: VecDeque<ToWorker>,
     events: VecDeque<NodeEvent>,
 }
+
+/// Held acks go out on their own once this many wait: the worker keeps each result until acked.
+pub const HELD_ACKS_MAX: usize = 64;
+
+/// A result this large is acked at once, so the worker's result cache does not hold it longer.
+pub const ACK_AT_ONCE_BYTES: usize = 64 * 1024;
 
 impl CoordinatorSession {
     /// A session waiting for the worker's hello; `now` starts the silence timer.
@@ -480,10 +488,24 @@ impl CoordinatorSession {
             last_heard: now,
             next_heartbeat,
             heartbeat_seq: 0,
-            in_flight: HashMap::new(),
+            in_flight: Default::default(),
+            acks: Vec::new(),
             transmit: VecDeque::new(),
             events: VecDeque::new(),
         }
+    }
+
+    /// Acks held back from `poll_transmit`, for the glue to write ahead of its next `Submit` on
+    /// the same stream: a small result's ack then costs no message, packet or wake-up of its own.
+    /// Acks not taken go out with the next heartbeat, a new connection, a large result, or once
+    /// [`HELD_ACKS_MAX`] wait.
+    pub fn take_acks(&mut self) -> impl Iterator<Item = ToWorker> + '_ {
+        self.acks.drain(..).map(|task| ToWorker::Ack { task })
+    }
+
+    fn flush_acks(&mut self) {
+        let acks: Vec<TaskId> = std::mem::take(&mut self.acks);
+        self.transmit.extend(acks.into_iter().map(|task| ToWorker::Ack { task }));
     }
 
     /// Whether the handshake is done and the node not lost.
@@ -529,6 +551,7 @@ impl CoordinatorSession {
         self.last_heard = self.last_heard.max(now);
         self.state = CoordState::Ready;
         self.transmit.push_back(ToWorker::Welcome { version: PROTOCOL_VERSION, rank: self.config.rank });
+        self.flush_acks();
         let reconnect = self.joined_before;
         self.joined_before = true;
         // Every task in flight, not only after a reconnect: a task submitted before the first
@@ -615,7 +638,11 @@ impl CoordinatorSession {
             }
             ToCoordinator::Done { task, outcome } => {
                 // Ack even duplicates so the worker can drop its cached copy.
-                self.transmit.push_back(ToWorker::Ack { task });
+                self.acks.push(task);
+                let large = matches!(&outcome, Outcome::Value(bytes) if bytes.len() >= ACK_AT_ONCE_BYTES);
+                if large || self.acks.len() >= HELD_ACKS_MAX {
+                    self.flush_acks();
+                }
                 if self.in_flight.remove(&task).is_some() {
                     self.events.push_back(NodeEvent::Completed { task, outcome });
                 }
@@ -661,6 +688,7 @@ impl CoordinatorSession {
             let mut in_flight: Vec<TaskId> = self.in_flight.drain().map(|(t, _)| t).collect();
             in_flight.sort();
             self.transmit.clear();
+            self.acks.clear();
             self.events.push_back(NodeEvent::Lost { in_flight, silent_for });
             return;
         }
@@ -668,6 +696,7 @@ impl CoordinatorSession {
             if self.state == CoordState::Ready {
                 self.heartbeat_seq += 1;
                 self.transmit.push_back(ToWorker::Heartbeat { seq: self.heartbeat_seq });
+                self.flush_acks();
             }
             self.next_heartbeat = now + self.config.heartbeat_interval;
         }
@@ -678,8 +707,8 @@ impl CoordinatorSession {
 mod tests {
     use super::*;
 
-    #[test]
-    fn held_tasks_no_longer_in_flight_are_acked_and_cancelled_on_hello() {
+    /// Node "n" of pool "p", rank 0, waiting for its hello at time zero.
+    fn session_for_node_n() -> CoordinatorSession {
         let config = CoordinatorSessionConfig {
             pool_id: "p".into(),
             node_id: "n".into(),
@@ -687,7 +716,48 @@ mod tests {
             heartbeat_interval: Duration::from_millis(500),
             lost_after: Duration::from_secs(3),
         };
-        let mut session = CoordinatorSession::new(config, Duration::ZERO);
+        CoordinatorSession::new(config, Duration::ZERO)
+    }
+
+    fn hello_from_node_n(held_tasks: Vec<TaskId>) -> Hello {
+        Hello { version: crate::PROTOCOL_VERSION, pool_id: "p".into(), node_id: "n".into(), worker: WorkerFacts::default(), held_tasks }
+    }
+
+    /// A small result's ack waits for the glue to take it (ahead of its next submit) or for the
+    /// next heartbeat; a large result, or the 64th waiting ack, sends every waiting ack at once.
+    #[test]
+    fn acks_wait_for_the_next_submit_or_heartbeat_unless_large_or_many() {
+        let mut session = session_for_node_n();
+        session.handle_hello(hello_from_node_n(Vec::new()), Duration::ZERO).unwrap();
+        let sent = |session: &mut CoordinatorSession| -> Vec<ToWorker> { std::iter::from_fn(|| session.poll_transmit()).collect() };
+        let acks = |tasks: &[u64]| -> Vec<ToWorker> { tasks.iter().map(|t| ToWorker::Ack { task: TaskId(*t) }).collect() };
+        let _ = sent(&mut session);
+        let done = |session: &mut CoordinatorSession, task: u64, len: usize| {
+            session.handle(ToCoordinator::Done { task: TaskId(task), outcome: Outcome::Value(vec![1; len]) }, Duration::ZERO).unwrap();
+        };
+        done(&mut session, 1, 10);
+        assert_eq!(sent(&mut session), vec![], "a small result's ack went out on its own");
+        assert_eq!(session.take_acks().collect::<Vec<_>>(), acks(&[1]));
+        assert_eq!(session.take_acks().count(), 0, "an ack was taken twice");
+        done(&mut session, 2, 10);
+        done(&mut session, 3, ACK_AT_ONCE_BYTES);
+        assert_eq!(sent(&mut session), acks(&[2, 3]), "a large result is acked at once, with the ones waiting");
+        done(&mut session, 4, 10);
+        session.handle_timeout(Duration::from_millis(500));
+        assert_eq!(sent(&mut session), vec![ToWorker::Heartbeat { seq: 1 }, ToWorker::Ack { task: TaskId(4) }]);
+        for task in 10..10 + HELD_ACKS_MAX as u64 - 1 {
+            done(&mut session, task, 10);
+        }
+        assert_eq!(sent(&mut session), vec![]);
+        done(&mut session, 99, 10);
+        let mut all: Vec<u64> = (10..10 + HELD_ACKS_MAX as u64 - 1).collect();
+        all.push(99);
+        assert_eq!(sent(&mut session), acks(&all), "the 64th waiting ack did not send them all");
+    }
+
+    #[test]
+    fn held_tasks_no_longer_in_flight_are_acked_and_cancelled_on_hello() {
+        let mut session = session_for_node_n();
         let spec = TaskSpec {
             kind: TaskKind::Command(CommandSpec { argv: vec!["true".into()], env: Default::default(), cwd: None, timeout: None }),
             members: None,
@@ -695,14 +765,7 @@ mod tests {
             initial_credit: 0,
         };
         let _ = session.submit(TaskId(1), spec);
-        let hello = Hello {
-            version: crate::PROTOCOL_VERSION,
-            pool_id: "p".into(),
-            node_id: "n".into(),
-            worker: WorkerFacts::default(),
-            held_tasks: vec![TaskId(1), TaskId(9)],
-        };
-        session.handle_hello(hello, Duration::ZERO).unwrap();
+        session.handle_hello(hello_from_node_n(vec![TaskId(1), TaskId(9)]), Duration::ZERO).unwrap();
         let sent: Vec<ToWorker> = std::iter::from_fn(|| session.poll_transmit()).collect();
         assert!(sent.contains(&ToWorker::Resume { task: TaskId(1), items_received: 0 }), "{sent:?}");
         assert!(sent.contains(&ToWorker::Ack { task: TaskId(9) }) && sent.contains(&ToWorker::Cancel { task: TaskId(9) }), "{sent:?}");
