@@ -301,10 +301,18 @@ pub fn run_if_executor() {
             std::process::exit(2);
         }
     };
-    let code = match runtime.block_on(serve(&path)) {
-        Ok(()) => 0,
-        Err(e) => {
+    // The serve loop runs as a task on the runtime's worker threads, not on this thread under
+    // `block_on`: the worker thread that sees the socket readable then runs the loop itself,
+    // where `block_on` had to be woken from it, a cross-thread wake-up per read (20-30 µs on a
+    // small VM when it crosses CPUs: a sequence of sync calls paid it once per call).
+    let code = match runtime.block_on(async move { tokio::spawn(async move { serve(&path).await }).await }) {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
             eprintln!("skyward executor: {e}");
+            1
+        }
+        Err(e) => {
+            eprintln!("skyward executor: the serve loop failed: {e}");
             1
         }
     };
