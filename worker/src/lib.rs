@@ -491,23 +491,7 @@ impl Worker {
             };
             // Every frame this read brought is handled under one cork: the calls they start go
             // to the executor in one write.
-            let broken = {
-                let cork = skyward_net::Cork::new();
-                self.on_stream_message(message, &mut members, &sink);
-                let mut handled = 1usize;
-                loop {
-                    match recv.try_next::<ToWorker>("ToWorker") {
-                        Ok(Some(m)) => self.on_stream_message(m, &mut members, &sink),
-                        Ok(None) => break None,
-                        Err(e) => break Some(e),
-                    }
-                    handled += 1;
-                    if handled.is_multiple_of(skyward_net::CORK_BATCH) {
-                        cork.flush();
-                    }
-                }
-            };
-            if let Some(e) = broken {
+            if let Err(e) = recv.handle_batch("ToWorker", message, |m| self.on_stream_message(m, &mut members, &sink)) {
                 tracing::warn!(error = %e, "closing a task stream");
                 break;
             }

@@ -192,22 +192,7 @@ async fn open_lanes(shared: Arc<NodeShared>, connection: quinn::Connection) {
                 let next = match recv.next::<ToCoordinator>("ToCoordinator").await {
                     // Every answer this read brought is handled under one cork: the tasks
                     // dispatched into the slots they free go out in one write per lane.
-                    Ok(Some(message)) => {
-                        let cork = skyward_net::Cork::new();
-                        reader_shared.process(message);
-                        let mut handled = 1usize;
-                        loop {
-                            match recv.try_next::<ToCoordinator>("ToCoordinator") {
-                                Ok(Some(message)) => reader_shared.process(message),
-                                Ok(None) => break Ok(()),
-                                Err(e) => break Err(e),
-                            }
-                            handled += 1;
-                            if handled.is_multiple_of(skyward_net::CORK_BATCH) {
-                                cork.flush();
-                            }
-                        }
-                    }
+                    Ok(Some(message)) => recv.handle_batch("ToCoordinator", message, |m| reader_shared.process(m)),
                     Ok(None) => break,
                     Err(e) => Err(e),
                 };

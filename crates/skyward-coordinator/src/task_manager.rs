@@ -7,12 +7,11 @@
 //! Hot path: the manager's book (its state) sits behind a short lock shared by the actor and
 //! every [`TaskManagerRef`]. A submit is booked and dispatched on the caller's thread, and a
 //! completion is booked (and the next queued task dispatched) on the thread that read it from
-//! the node (a lane's or task stream's reader, or the control stream's): no mailbox hop on either
-//! side of a round trip. Everything else (nodes joining and
-//! lost, cancels, timeouts, credit, stats, close) goes through the actor's mailbox as before and
-//! is applied under the same lock, so the book sees one order of events either way. When the
-//! actor ends, for whatever reason, its state's guard closes the book: every waiting caller
-//! and every later submit gets `PoolClosed`.
+//! the node (a lane's or task stream's reader, or the control stream's): no mailbox hop on
+//! either side of a round trip. Everything else (nodes joining and lost, cancels, timeouts,
+//! credit, stats, close) goes through the actor's mailbox and is applied under the same lock, so
+//! the book sees one order of events either way. When the actor ends, for whatever reason, its
+//! state's guard closes the book: every waiting caller and every later submit gets `PoolClosed`.
 //!
 //! Delivery: each task's reply port is used once. A completion from a node that no longer owns the
 //! task (it was re-queued after the node was lost) is dropped, so no result is delivered twice.

@@ -49,10 +49,26 @@ impl FramedRecv {
         }
     }
 
+    /// Handle `first`, then every message to be had without waiting, under one [`crate::Cork`]
+    /// (flushed every [`crate::CORK_BATCH`] messages): what `handle` sends meanwhile goes out in
+    /// one write per stream for the whole batch. A reader calls this after each `next().await`.
+    pub fn handle_batch<T: DeserializeOwned>(&mut self, what: &'static str, first: T, mut handle: impl FnMut(T)) -> Result<(), RecvError> {
+        let cork = crate::Cork::new();
+        handle(first);
+        let mut handled = 1usize;
+        while let Some(message) = self.try_next(what)? {
+            handle(message);
+            handled += 1;
+            if handled.is_multiple_of(crate::CORK_BATCH) {
+                cork.flush();
+            }
+        }
+        Ok(())
+    }
+
     /// The next message when it can be had without waiting: already buffered, or in data the
     /// stream holds now. `None` means "not yet" (or the end, which [`FramedRecv::next`] reports).
-    /// Lets a reader handle every frame one read brought under one [`crate::Cork`].
-    pub fn try_next<T: DeserializeOwned>(&mut self, what: &'static str) -> Result<Option<T>, RecvError> {
+    fn try_next<T: DeserializeOwned>(&mut self, what: &'static str) -> Result<Option<T>, RecvError> {
         use std::future::Future;
         loop {
             if let Some(message) = self.decoder.next::<T>(what)? {
