@@ -51,7 +51,7 @@ async fn my_shard(len: u64) -> Vec<u64> {
 }
 
 #[skyward::function]
-async fn slow_echo(ms: u64, value: u32) -> u32 {
+pub(crate) async fn slow_echo(ms: u64, value: u32) -> u32 {
     tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     value
 }

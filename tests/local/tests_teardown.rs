@@ -1,6 +1,7 @@
 //! Teardown: no worker process remains after shutdown, drop, an error, a panic, or Ctrl-C.
 
 use crate::support::{CHILD_MODE, assert_no_workers, block_on, leftover, pool};
+use crate::tests_dispatch::slow_echo;
 use libtest_mimic::Trial;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -30,12 +31,6 @@ async fn shutdown_and_drop() -> anyhow::Result<()> {
     assert_no_workers(&b_id)
 }
 
-#[skyward::function]
-async fn hang(ms: u64) -> u32 {
-    tokio::time::sleep(Duration::from_millis(ms)).await;
-    1
-}
-
 /// A call running on a node, one queued behind it, and a gather that submits more after the
 /// pool shut down: each gets `PoolClosed`, none hangs (the task manager's book is closed when
 /// its actor stops, whoever holds the book).
@@ -50,9 +45,9 @@ async fn waiting_at_shutdown() -> anyhow::Result<()> {
         .options(options)
         .start()
         .await?;
-    let running = pool.submit(hang(60_000));
-    let queued = pool.submit(hang(60_000));
-    let gather = pool.gather_unordered((0..2).map(|_| hang(60_000)));
+    let running = pool.submit(slow_echo(60_000, 1));
+    let queued = pool.submit(slow_echo(60_000, 1));
+    let gather = pool.gather_unordered((0..2).map(|_| slow_echo(60_000, 1)));
     let deadline = Instant::now() + Duration::from_secs(20);
     while pool.stats().await?.running < 1 {
         anyhow::ensure!(Instant::now() < deadline, "the first call never started");

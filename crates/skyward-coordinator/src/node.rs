@@ -404,10 +404,10 @@ impl NodeHandle {
                     let current = shared.lanes.lock().expect("lanes lock").iter().any(|l| l.writer.same_stream(&lane));
                     (acks, submit, current)
                 };
-                // An ack lost with a closed lane is harmless: the worker reports the results it
-                // still holds when it reconnects, and they are acked then.
-                let _acked = current && acks.iter().all(|ack| lane.send(ack).is_ok());
-                if current && lane.send(&submit).is_ok() {
+                // A lane whose write fails is dead: the task takes the stream path below. An ack
+                // lost with it is harmless: the worker reports the results it still holds when it
+                // reconnects, and they are acked then.
+                if current && acks.iter().all(|ack| lane.send(ack).is_ok()) && lane.send(&submit).is_ok() {
                     return through_memory;
                 }
                 // The lane closed with its connection: the task gets a stream of its own.
