@@ -360,7 +360,8 @@ impl Executors {
         let (stream, _) = accepted?;
         let _ = std::fs::remove_file(&socket);
         widen_send_buffer(&stream);
-        let (mut reader, writer) = stream.into_split();
+        let (mut reader, writer) =
+            skyward_net::unix::split(stream).map_err(|e| worker_error(format!("cannot register the executor socket: {e}")))?;
         let tx = UnixFrameWriter::new(writer);
         let waiters: Waiters = Arc::default();
         let actor_waiters: ActorWaiters = Arc::default();

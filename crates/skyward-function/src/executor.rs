@@ -127,7 +127,7 @@ const HOLD_AT_MOST: std::time::Duration = std::time::Duration::from_micros(200);
 pub async fn serve(path: &str) -> Result<(), ExecutorError> {
     install_panic_hook();
     let stream = UnixStream::connect(path).await.map_err(|source| ExecutorError::Connect { path: path.into(), source })?;
-    let (mut reader, writer) = stream.into_split();
+    let (mut reader, writer) = skyward_net::unix::split(stream)?;
     let tx = skyward_net::UnixFrameWriter::new(writer);
     let functions = u32::try_from(crate::FUNCTIONS.len()).unwrap_or(u32::MAX);
     let _ = tx.send(&FromExecutor::Ready { pid: std::process::id(), functions });

@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 pub type LaneWriter = DirectWriter<quinn::SendStream>;
 
 /// Frames on the node-local worker↔executor socket.
-pub type UnixFrameWriter = DirectWriter<tokio::net::unix::OwnedWriteHalf>;
+pub type UnixFrameWriter = DirectWriter<crate::unix::UnixWrite>;
 
 /// The stream is closed (its connection ended or a write failed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

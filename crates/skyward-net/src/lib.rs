@@ -13,6 +13,8 @@ pub mod framed;
 pub mod shm;
 pub mod tls;
 pub mod tunnel;
+pub mod udp;
+pub mod unix;
 
 pub use direct::{CORK_BATCH, Cork, DirectWriter, LaneWriter, UnixFrameWriter, WriterClosed};
 pub use framed::{FramedRecv, RecvError, WriteError, write_frame_shared, write_frames};
@@ -95,6 +97,14 @@ fn client_config(ca_cert_pem: &str, client: &CertBundle, idle_timeout: Duration,
     Ok(config)
 }
 
+/// An endpoint on a UDP socket bound to `addr` that is registered for readable events only
+/// (`udp::ReadOnlyUdp`: a sent packet does not wake a thread of this process).
+fn endpoint(server: Option<quinn::ServerConfig>, addr: SocketAddr) -> Result<quinn::Endpoint, TlsError> {
+    let socket = udp::bind(addr).map_err(TlsError::Bind)?;
+    quinn::Endpoint::new_with_abstract_socket(quinn::EndpointConfig::default(), server, socket, Arc::new(quinn::TokioRuntime))
+        .map_err(TlsError::Bind)
+}
+
 /// A QUIC server endpoint for the coordinator bound to `addr`.
 pub fn server_endpoint(
     addr: SocketAddr,
@@ -102,7 +112,7 @@ pub fn server_endpoint(
     server: &CertBundle,
     idle_timeout: Duration,
 ) -> Result<quinn::Endpoint, TlsError> {
-    quinn::Endpoint::server(server_config(&ca.cert_pem, server, idle_timeout, false)?, addr).map_err(TlsError::Bind)
+    endpoint(Some(server_config(&ca.cert_pem, server, idle_timeout, false)?), addr)
 }
 
 /// A QUIC server endpoint for the coordinator whose packets travel over tunnels attached to
@@ -121,7 +131,7 @@ pub fn server_endpoint_tunnel(
 /// A QUIC client endpoint for a worker, presenting `client` and trusting only `ca`.
 pub fn client_endpoint(ca_cert_pem: &str, client: &CertBundle, idle_timeout: Duration) -> Result<quinn::Endpoint, TlsError> {
     let bind: SocketAddr = "0.0.0.0:0".parse().expect("static address");
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(TlsError::Bind)?;
+    let mut endpoint = endpoint(None, bind)?;
     endpoint.set_default_client_config(client_config(ca_cert_pem, client, idle_timeout, false)?);
     Ok(endpoint)
 }
@@ -131,7 +141,7 @@ pub fn client_endpoint(ca_cert_pem: &str, client: &CertBundle, idle_timeout: Dur
 /// CA signed. One UDP socket, so the address the coordinator sees is the one peers dial.
 pub fn worker_endpoint(ca_cert_pem: &str, cert: &CertBundle, idle_timeout: Duration) -> Result<quinn::Endpoint, TlsError> {
     let bind: SocketAddr = "0.0.0.0:0".parse().expect("static address");
-    let mut endpoint = quinn::Endpoint::server(server_config(ca_cert_pem, cert, idle_timeout, false)?, bind).map_err(TlsError::Bind)?;
+    let mut endpoint = endpoint(Some(server_config(ca_cert_pem, cert, idle_timeout, false)?), bind)?;
     endpoint.set_default_client_config(client_config(ca_cert_pem, cert, idle_timeout, false)?);
     Ok(endpoint)
 }
