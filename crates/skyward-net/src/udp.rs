@@ -24,6 +24,8 @@ use tokio::io::unix::AsyncFd;
 pub struct ReadOnlyUdp {
     io: AsyncFd<UdpSocket>,
     state: UdpSocketState,
+    /// The runtime the socket registered with: a writable registration goes to its reactor too.
+    runtime: tokio::runtime::Handle,
     /// The last send would have blocked: a task asking for room waits for it (quinn asks before
     /// every send; while this is unset, the answer is yes at once, with no system call).
     full: AtomicBool,
@@ -34,7 +36,12 @@ impl ReadOnlyUdp {
     pub fn new(socket: UdpSocket) -> std::io::Result<Self> {
         let state = UdpSocketState::new((&socket).into())?;
         socket.set_nonblocking(true)?;
-        Ok(Self { io: register(socket, Interest::READABLE)?, state, full: AtomicBool::new(false) })
+        Ok(Self {
+            io: register(socket, Interest::READABLE)?,
+            state,
+            runtime: tokio::runtime::Handle::current(),
+            full: AtomicBool::new(false),
+        })
     }
 }
 
@@ -105,6 +112,7 @@ impl UdpPoller for WritablePoller {
             // Registered after the send that would block: if room opened in between, the
             // registration reports it at once (epoll checks readiness when adding).
             let duplicate = this.socket.io.get_ref().try_clone()?;
+            let _runtime = this.socket.runtime.enter();
             this.waiting = Some(register(duplicate, Interest::WRITABLE)?);
         }
         let waiting = this.waiting.as_ref().expect("registered above");
@@ -146,7 +154,11 @@ mod tests {
         std::future::poll_fn(|cx| Pin::new(&mut poller).poll_writable(cx)).await.unwrap();
         assert!(poller.waiting.is_none(), "no registration while sends go through");
         a.full.store(true, Ordering::Relaxed);
-        std::future::poll_fn(|cx| Pin::new(&mut poller).poll_writable(cx)).await.unwrap();
+        // Bounded: a lost wake-up fails the test instead of hanging it.
+        tokio::time::timeout(std::time::Duration::from_secs(30), std::future::poll_fn(|cx| Pin::new(&mut poller).poll_writable(cx)))
+            .await
+            .expect("woken: the socket has room")
+            .unwrap();
         assert!(poller.waiting.is_none(), "the registration is dropped once it reported room");
         a.try_send(&transmit(b"again")).unwrap();
         assert!(!a.full.load(Ordering::Relaxed), "a send that went through clears the flag");

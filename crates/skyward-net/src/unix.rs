@@ -1,4 +1,5 @@
-//! The node-local worker↔executor socket, split so that one side reading never wakes the other.
+//! The node-local worker↔executor socket, split so that one side reading does not wake the other
+//! (unless the other waits for room to write).
 //!
 //! tokio registers a `UnixStream` for readable and writable events at once. On a Unix socket the
 //! kernel signals "writable" to the sending side every time the receiving side reads (the bytes
@@ -9,9 +10,11 @@
 //!
 //! [`split`] registers the socket for readable events only. Writes go straight to the socket
 //! (non-blocking). Only when the socket is full does the writer register a duplicate of the
-//! descriptor for writable events, wait on it, and drop it again once a write went through: a
-//! full socket buffer is the rare case (the buffer is 4 MiB on the worker's side; large
-//! arguments between processes on one machine go through shared memory).
+//! descriptor (made up front) for writable events, wait on it, and take the registration back
+//! once a write went through. A full socket is the less common case: frames are small except
+//! large arguments, which a coordinator on the same machine passes through shared memory (a
+//! remote coordinator's 256 MiB argument fills the socket many times, each costing a register
+//! and a deregister, little next to the copy).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -33,8 +36,20 @@ pub struct UnixRead {
 #[derive(Debug)]
 pub struct UnixWrite {
     socket: Arc<AsyncFd<StdUnixStream>>,
-    /// A duplicate of the descriptor, registered for writable events while the socket is full.
-    full: Option<AsyncFd<StdUnixStream>>,
+    /// The runtime the reading half registered with: a writable registration goes to its
+    /// reactor too, whichever thread writes (one outside any runtime, or inside a user's own).
+    runtime: tokio::runtime::Handle,
+    /// A duplicate of the descriptor, made up front so that waiting for room cannot fail for want
+    /// of a descriptor: idle, or registered for writable events while the socket is full.
+    room: Room,
+}
+
+#[derive(Debug)]
+enum Room {
+    Idle(StdUnixStream),
+    Waiting(AsyncFd<StdUnixStream>),
+    /// Its registration failed (the error went to that write); later writes fail too.
+    Lost,
 }
 
 /// Split `stream` into halves that do not wake each other (see the module doc). Must run inside
@@ -42,15 +57,46 @@ pub struct UnixWrite {
 pub fn split(stream: tokio::net::UnixStream) -> std::io::Result<(UnixRead, UnixWrite)> {
     let stream = stream.into_std()?;
     stream.set_nonblocking(true)?;
-    let socket = Arc::new(register(stream, Interest::READABLE)?);
-    Ok((UnixRead { socket: Arc::clone(&socket) }, UnixWrite { socket, full: None }))
+    let duplicate = stream.try_clone()?;
+    let socket = Arc::new(register(stream, Interest::READABLE).map_err(|(_, e)| e)?);
+    let writer = UnixWrite { socket: Arc::clone(&socket), runtime: tokio::runtime::Handle::current(), room: Room::Idle(duplicate) };
+    Ok((UnixRead { socket }, writer))
 }
 
-/// Register `socket` with the current runtime's reactor for `interest`.
-fn register(socket: StdUnixStream, interest: Interest) -> std::io::Result<AsyncFd<StdUnixStream>> {
+/// Register `socket` with the current runtime's reactor for `interest`; on failure, the socket
+/// comes back with the error.
+fn register(socket: StdUnixStream, interest: Interest) -> Result<AsyncFd<StdUnixStream>, (StdUnixStream, std::io::Error)> {
     // SAFETY: the `UnixStream` owns its descriptor: it stays open, and `as_raw_fd` returns the
-    // same one, until the `AsyncFd` (which owns the stream) is dropped.
-    Ok(unsafe { AsyncFd::register_with_interest(socket, interest) }?)
+    // same one, until the `AsyncFd` (which owns the stream) is dropped or gives it back.
+    unsafe { AsyncFd::register_with_interest(socket, interest) }.map_err(|e| {
+        let (socket, error) = e.into_parts();
+        (socket, error)
+    })
+}
+
+impl UnixWrite {
+    /// Stop listening for writable events (there is room again).
+    fn room_again(&mut self) {
+        if matches!(self.room, Room::Waiting(_)) {
+            let Room::Waiting(registered) = std::mem::replace(&mut self.room, Room::Lost) else { unreachable!() };
+            self.room = Room::Idle(registered.into_inner());
+        }
+    }
+
+    /// The writable registration, made if the socket was not being watched yet. Made after the
+    /// write that would block: if room opened in between, it reports that at once (epoll checks
+    /// readiness when adding).
+    fn watch(&mut self) -> std::io::Result<&AsyncFd<StdUnixStream>> {
+        if let Room::Idle(_) = self.room {
+            let Room::Idle(duplicate) = std::mem::replace(&mut self.room, Room::Lost) else { unreachable!() };
+            let _runtime = self.runtime.enter();
+            self.room = Room::Waiting(register(duplicate, Interest::WRITABLE).map_err(|(_, e)| e)?);
+        }
+        match &self.room {
+            Room::Waiting(registered) => Ok(registered),
+            _ => Err(std::io::Error::other("cannot wait for room on the executor socket: its registration failed earlier")),
+        }
+    }
 }
 
 impl AsyncRead for UnixRead {
@@ -77,20 +123,12 @@ impl AsyncWrite for UnixWrite {
         loop {
             match this.socket.get_ref().write(buf) {
                 Ok(n) => {
-                    // Room again: stop listening for writable events.
-                    this.full = None;
+                    this.room_again();
                     return Poll::Ready(Ok(n));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if this.full.is_none() {
-                        // Registered after the failed write: if room opened in between, the
-                        // registration reports it at once (epoll checks readiness when adding).
-                        let duplicate = this.socket.get_ref().try_clone()?;
-                        this.full = Some(register(duplicate, Interest::WRITABLE)?);
-                    }
-                    let full = this.full.as_ref().expect("registered above");
-                    let mut ready = ready!(full.poll_write_ready(cx))?;
+                    let mut ready = ready!(this.watch()?.poll_write_ready(cx))?;
                     ready.clear_ready();
                 }
                 Err(e) => return Poll::Ready(Err(e)),
@@ -146,11 +184,55 @@ mod tests {
         let expected = sent.clone();
         let writer = tokio::spawn(async move {
             a_write.write_all(&sent).await.unwrap();
-            assert!(a_write.full.is_none(), "the writable registration is dropped once there is room");
+            assert!(matches!(a_write.room, Room::Idle(_)), "the writable registration is dropped once there is room");
         });
         let mut got = vec![0u8; expected.len()];
-        b_read.read_exact(&mut got).await.unwrap();
-        writer.await.unwrap();
+        // Bounded: a lost wake-up fails the test instead of hanging it.
+        tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            b_read.read_exact(&mut got).await.unwrap();
+            writer.await.unwrap();
+        })
+        .await
+        .expect("the writer was woken when room opened");
+        assert!(got == expected, "bytes arrive whole and in order");
+    }
+
+    /// Polls `future` on this thread, parking it between polls (no runtime here).
+    fn block_on_plain_thread<F: std::future::Future>(future: F) -> F::Output {
+        struct Unpark(std::thread::Thread);
+        impl std::task::Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let mut future = std::pin::pin!(future);
+        loop {
+            if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+                return out;
+            }
+            std::thread::park();
+        }
+    }
+
+    /// A writer on a thread outside any runtime (user code in an executor may send from one)
+    /// waits for room on the runtime the socket was split on, instead of panicking for want of
+    /// a reactor.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_writer_outside_the_runtime_waits_for_room_on_the_sockets_runtime() {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let (_a_read, mut a_write) = split(a).unwrap();
+        let (mut b_read, _b_write) = split(b).unwrap();
+        let sent: Vec<u8> = (0..4u32 << 20).map(|i| (i % 241) as u8).collect();
+        let expected = sent.clone();
+        let writer = std::thread::spawn(move || block_on_plain_thread(a_write.write_all(&sent)));
+        let mut got = vec![0u8; expected.len()];
+        tokio::time::timeout(std::time::Duration::from_secs(30), b_read.read_exact(&mut got))
+            .await
+            .expect("the writer was woken when room opened")
+            .unwrap();
+        writer.join().expect("the writer thread did not panic").unwrap();
         assert!(got == expected, "bytes arrive whole and in order");
     }
 }
