@@ -97,6 +97,19 @@ fn client_config(ca_cert_pem: &str, client: &CertBundle, idle_timeout: Duration,
     Ok(config)
 }
 
+/// Socket types that own their descriptor (std's): it stays open, and `as_raw_fd` returns the
+/// same one, for as long as the value lives.
+pub(crate) trait OwnsFd: std::os::fd::AsRawFd {}
+impl OwnsFd for std::net::UdpSocket {}
+impl OwnsFd for std::os::unix::net::UnixStream {}
+
+/// Register `socket` with the current runtime's reactor for `interest` only.
+pub(crate) fn register<T: OwnsFd>(socket: T, interest: tokio::io::Interest) -> std::io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: `OwnsFd` types own their descriptor, which stays open and is the one `as_raw_fd`
+    // returns until the `AsyncFd` (which owns the socket) is dropped or gives it back.
+    Ok(unsafe { tokio::io::unix::AsyncFd::register_with_interest(socket, interest) }?)
+}
+
 /// An endpoint on a UDP socket bound to `addr` that is registered for readable events only
 /// (`udp::ReadOnlyUdp`: a sent packet does not wake a thread of this process).
 fn endpoint(server: Option<quinn::ServerConfig>, addr: SocketAddr) -> Result<quinn::Endpoint, TlsError> {

@@ -8,6 +8,7 @@
 //! full) does a task that waits for room register a duplicate of the descriptor for writable
 //! events, and drop it once woken: the same idea as [`crate::unix`] for the executor socket.
 
+use crate::register;
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use std::io::IoSliceMut;
@@ -43,13 +44,6 @@ impl ReadOnlyUdp {
             full: AtomicBool::new(false),
         })
     }
-}
-
-/// Register `socket` with the current runtime's reactor for `interest`.
-fn register(socket: UdpSocket, interest: Interest) -> std::io::Result<AsyncFd<UdpSocket>> {
-    // SAFETY: the `UdpSocket` owns its descriptor: it stays open, and `as_raw_fd` returns the
-    // same one, until the `AsyncFd` (which owns the socket) is dropped.
-    Ok(unsafe { AsyncFd::register_with_interest(socket, interest) }?)
 }
 
 impl AsyncUdpSocket for ReadOnlyUdp {

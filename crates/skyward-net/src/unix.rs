@@ -16,6 +16,7 @@
 //! remote coordinator's 256 MiB argument fills the socket many times, each costing a register
 //! and a deregister, little next to the copy).
 
+use crate::register;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::pin::Pin;
@@ -58,27 +59,17 @@ pub fn split(stream: tokio::net::UnixStream) -> std::io::Result<(UnixRead, UnixW
     let stream = stream.into_std()?;
     stream.set_nonblocking(true)?;
     let duplicate = stream.try_clone()?;
-    let socket = Arc::new(register(stream, Interest::READABLE).map_err(|(_, e)| e)?);
+    let socket = Arc::new(register(stream, Interest::READABLE)?);
     let writer = UnixWrite { socket: Arc::clone(&socket), runtime: tokio::runtime::Handle::current(), room: Room::Idle(duplicate) };
     Ok((UnixRead { socket }, writer))
-}
-
-/// Register `socket` with the current runtime's reactor for `interest`; on failure, the socket
-/// comes back with the error.
-fn register(socket: StdUnixStream, interest: Interest) -> Result<AsyncFd<StdUnixStream>, (StdUnixStream, std::io::Error)> {
-    // SAFETY: the `UnixStream` owns its descriptor: it stays open, and `as_raw_fd` returns the
-    // same one, until the `AsyncFd` (which owns the stream) is dropped or gives it back.
-    unsafe { AsyncFd::register_with_interest(socket, interest) }.map_err(|e| {
-        let (socket, error) = e.into_parts();
-        (socket, error)
-    })
 }
 
 impl UnixWrite {
     /// Stop listening for writable events (there is room again).
     fn room_again(&mut self) {
-        if matches!(self.room, Room::Waiting(_)) {
-            let Room::Waiting(registered) = std::mem::replace(&mut self.room, Room::Lost) else { unreachable!() };
+        if let Room::Waiting(_) = self.room
+            && let Room::Waiting(registered) = std::mem::replace(&mut self.room, Room::Lost)
+        {
             self.room = Room::Idle(registered.into_inner());
         }
     }
@@ -87,10 +78,11 @@ impl UnixWrite {
     /// write that would block: if room opened in between, it reports that at once (epoll checks
     /// readiness when adding).
     fn watch(&mut self) -> std::io::Result<&AsyncFd<StdUnixStream>> {
-        if let Room::Idle(_) = self.room {
-            let Room::Idle(duplicate) = std::mem::replace(&mut self.room, Room::Lost) else { unreachable!() };
+        if let Room::Idle(_) = self.room
+            && let Room::Idle(duplicate) = std::mem::replace(&mut self.room, Room::Lost)
+        {
             let _runtime = self.runtime.enter();
-            self.room = Room::Waiting(register(duplicate, Interest::WRITABLE).map_err(|(_, e)| e)?);
+            self.room = Room::Waiting(register(duplicate, Interest::WRITABLE)?);
         }
         match &self.room {
             Room::Waiting(registered) => Ok(registered),
@@ -156,11 +148,15 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// Both ends of a connected pair, each split.
+    fn split_pair() -> ((UnixRead, UnixWrite), (UnixRead, UnixWrite)) {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        (split(a).unwrap(), split(b).unwrap())
+    }
+
     #[tokio::test]
     async fn bytes_cross_both_ways_and_dropping_the_writer_ends_the_peer() {
-        let (a, b) = tokio::net::UnixStream::pair().unwrap();
-        let (mut a_read, mut a_write) = split(a).unwrap();
-        let (mut b_read, mut b_write) = split(b).unwrap();
+        let ((mut a_read, mut a_write), (mut b_read, mut b_write)) = split_pair();
         a_write.write_all(b"ping").await.unwrap();
         let mut got = [0u8; 4];
         b_read.read_exact(&mut got).await.unwrap();
@@ -177,9 +173,7 @@ mod tests {
     /// every byte arrives in order.
     #[tokio::test]
     async fn a_full_socket_makes_the_writer_wait_for_room_not_fail() {
-        let (a, b) = tokio::net::UnixStream::pair().unwrap();
-        let (_a_read, mut a_write) = split(a).unwrap();
-        let (mut b_read, _b_write) = split(b).unwrap();
+        let ((_a_read, mut a_write), (mut b_read, _b_write)) = split_pair();
         let sent: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
         let expected = sent.clone();
         let writer = tokio::spawn(async move {
@@ -221,9 +215,7 @@ mod tests {
     /// a reactor.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_writer_outside_the_runtime_waits_for_room_on_the_sockets_runtime() {
-        let (a, b) = tokio::net::UnixStream::pair().unwrap();
-        let (_a_read, mut a_write) = split(a).unwrap();
-        let (mut b_read, _b_write) = split(b).unwrap();
+        let ((_a_read, mut a_write), (mut b_read, _b_write)) = split_pair();
         let sent: Vec<u8> = (0..4u32 << 20).map(|i| (i % 241) as u8).collect();
         let expected = sent.clone();
         let writer = std::thread::spawn(move || block_on_plain_thread(a_write.write_all(&sent)));
