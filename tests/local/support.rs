@@ -41,7 +41,12 @@ impl Mode {
 
 /// A Local pool in `mode`.
 pub(crate) async fn pool_in_mode(nodes: u32, concurrency: u32, mode: Mode) -> anyhow::Result<Pool> {
-    Ok(Compute::new(Local::default()).nodes(nodes).worker(Worker { concurrency }).options(mode.options()).start().await?)
+    pool_with(nodes, concurrency, mode.options()).await
+}
+
+/// A Local pool of `nodes` workers with `concurrency` slots each, started with `options`.
+pub(crate) async fn pool_with(nodes: u32, concurrency: u32, options: Options) -> anyhow::Result<Pool> {
+    Ok(Compute::new(Local::default()).nodes(nodes).worker(Worker { concurrency }).options(options).start().await?)
 }
 
 /// Worker processes of `pool_id` still in the process table.

@@ -86,12 +86,7 @@ async fn every_api_on_three_nodes(mode: Mode) -> anyhow::Result<()> {
     let shared_memory = mode == Mode::Cluster;
     let busy_poll_cpus = if shared_memory { 2 } else { 0 };
     let options = skyward::Options { shared_memory_args: shared_memory, busy_poll_cpus, ..mode.options() };
-    let pool = skyward::Compute::new(skyward::Local::default())
-        .nodes(3)
-        .worker(skyward::Worker { concurrency: 4 })
-        .options(options)
-        .start()
-        .await?;
+    let pool = crate::support::pool_with(3, 4, options).await?;
     let id = pool.pool_id().to_string();
     anyhow::ensure!(pool.node_count() == 3, "three nodes");
 
@@ -227,12 +222,7 @@ async fn commands() -> anyhow::Result<()> {
 async fn gather_window() -> anyhow::Result<()> {
     const WINDOW: usize = 3;
     let options = skyward::Options { max_in_flight: WINDOW, ..Mode::Cluster.options() };
-    let pool = skyward::Compute::new(skyward::Local::default())
-        .nodes(2)
-        .worker(skyward::Worker { concurrency: 4 })
-        .options(options)
-        .start()
-        .await?;
+    let pool = crate::support::pool_with(2, 4, options).await?;
     let id = pool.pool_id().to_string();
     let before = pool.stats().await?.finished;
     let (values, most, samples) = {

@@ -39,12 +39,7 @@ async fn waiting_at_shutdown() -> anyhow::Result<()> {
     // A gather window of one: the gather's second call is submitted only once its first is
     // answered, which is after the shutdown.
     let options = skyward::Options { max_in_flight: 1, ..skyward::Options::default() };
-    let pool = skyward::Compute::new(skyward::Local::default())
-        .nodes(1)
-        .worker(skyward::Worker { concurrency: 1 })
-        .options(options)
-        .start()
-        .await?;
+    let pool = crate::support::pool_with(1, 1, options).await?;
     let running = pool.submit(slow_echo(60_000, 1));
     let queued = pool.submit(slow_echo(60_000, 1));
     let gather = pool.gather_unordered((0..2).map(|_| slow_echo(60_000, 1)));
