@@ -40,6 +40,24 @@ async fn digest(data: serde_bytes::ByteBuf) -> (usize, u64) {
     (data.len(), checksum(&data))
 }
 
+/// A `Blob`'s length, checksum, and what the executor's memory map names the memory it reads
+/// (a memfd when the arguments came through shared memory and were not copied out).
+#[skyward::function]
+async fn blob_home(data: skyward::Blob) -> anyhow::Result<(usize, u64, String)> {
+    let at = data.as_ptr() as usize;
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let home = maps
+        .lines()
+        .find_map(|line| {
+            let (range, rest) = line.split_once(' ')?;
+            let (start, end) = range.split_once('-')?;
+            let (start, end) = (usize::from_str_radix(start, 16).ok()?, usize::from_str_radix(end, 16).ok()?);
+            (start <= at && at < end).then(|| rest.split_whitespace().nth(4).unwrap_or("").to_string())
+        })
+        .unwrap_or_default();
+    Ok((data.len(), checksum(&data), home))
+}
+
 fn checksum(data: &[u8]) -> u64 {
     data.iter().enumerate().fold(0u64, |acc, (i, b)| acc.wrapping_mul(31).wrapping_add((*b as u64) ^ (i as u64)))
 }
@@ -120,6 +138,14 @@ async fn every_api_on_three_nodes(mode: Mode) -> anyhow::Result<()> {
     let through_memory = pool.stats().await?.shared_memory_args - through_memory;
     let expected = if shared_memory { 12 } else { 0 };
     anyhow::ensure!(through_memory == expected, "{through_memory} large calls went through shared memory, not {expected}");
+    // A Blob argument is read where it arrived: through shared memory, the sealed object itself
+    // (no copy in the executor); inline, the same bytes.
+    let seen = pool.broadcast(blob_home(skyward::Blob::from(data.clone()))).await?;
+    for (len, sum, home) in &seen {
+        anyhow::ensure!((*len, *sum) == want, "a node saw different bytes in a Blob: {seen:?} (want {want:?})");
+        let in_memfd = home.starts_with("/memfd:skyward-args");
+        anyhow::ensure!(in_memfd == shared_memory, "a Blob's bytes live in {home:?} (shared memory: {shared_memory})");
+    }
     // Every task has its result: no shared-memory object is left open.
     let open = pool.stats().await?.shared_memory_objects;
     anyhow::ensure!(open == 0, "{open} shared-memory argument objects still open after their tasks");

@@ -69,7 +69,9 @@ pub trait ErasedActor: Send {
 impl<A: Actor> ErasedActor for A {
     fn handle_bytes(&mut self, msg: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, RemoteError>> {
         Box::pin(async move {
-            let msg: A::Msg = codec::from_bytes(&msg, "actor message").map_err(|e| crate::codec_error("message", "actor", e))?;
+            // Large `Blob`s in the message refer to it instead of a copy.
+            let msg: A::Msg =
+                codec::from_shared(&bytes::Bytes::from(msg), "actor message").map_err(|e| crate::codec_error("message", "actor", e))?;
             let reply = self.handle(msg).await.map_err(crate::error_to_remote)?;
             codec::to_bytes(&reply).map_err(|e| crate::codec_error("reply", "actor", e))
         })
@@ -95,7 +97,8 @@ pub static ACTORS: [ActorEntry];
 /// The constructor [`actor!`](crate::actor) registers for `A`.
 pub fn spawn_erased<A: Actor>(args: Vec<u8>) -> BoxFuture<'static, Result<Box<dyn ErasedActor>, RemoteError>> {
     Box::pin(async move {
-        let args: A::Args = codec::from_bytes(&args, "actor arguments").map_err(|e| crate::codec_error("arguments", "actor", e))?;
+        let args: A::Args =
+            codec::from_shared(&bytes::Bytes::from(args), "actor arguments").map_err(|e| crate::codec_error("arguments", "actor", e))?;
         let actor = A::start(args).await.map_err(crate::error_to_remote)?;
         Ok(Box::new(actor) as Box<dyn ErasedActor>)
     })

@@ -14,6 +14,7 @@
 //! socket.
 
 pub mod actors;
+pub mod blob;
 pub mod collections;
 pub mod context;
 pub mod elf;
@@ -28,6 +29,7 @@ use skyward_proto::codec;
 use skyward_proto::error::{RemoteError, RemoteErrorKind};
 use std::marker::PhantomData;
 
+pub use blob::Blob;
 pub use context::{InstanceInfo, instance_info};
 pub use shard::{ShardOptions, shard, shard_with};
 
@@ -186,9 +188,9 @@ pub mod __private {
     use serde::de::DeserializeOwned;
     use skyward_proto::error::RemoteError;
 
-    /// Decode the argument tuple of `name`.
-    pub fn decode_args<A: DeserializeOwned>(name: &str, bytes: &[u8]) -> Result<A, RemoteError> {
-        skyward_proto::codec::from_bytes(bytes, "arguments").map_err(|e| super::codec_error("arguments", name, e))
+    /// Decode the argument tuple of `name`; large [`Blob`](crate::Blob)s in it refer to `bytes`.
+    pub fn decode_args<A: DeserializeOwned>(name: &str, bytes: &bytes::Bytes) -> Result<A, RemoteError> {
+        skyward_proto::codec::from_shared(bytes, "arguments").map_err(|e| super::codec_error("arguments", name, e))
     }
 
     /// Encode the result (or one stream item) of `name`.

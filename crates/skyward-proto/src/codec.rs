@@ -47,13 +47,19 @@ fn within(whole: &Bytes, part: &[u8]) -> bool {
     p >= start && q <= end
 }
 
+/// While [`from_shared`] decodes: `part` as a slice of the frame being decoded (no copy), when
+/// `part` lies inside it; `None` otherwise (decoding from a plain slice, or bytes from elsewhere).
+pub fn shared_slice(part: &[u8]) -> Option<Bytes> {
+    DECODING.with(|d| d.borrow().as_ref().filter(|frame| within(frame, part)).map(|frame| frame.slice_ref(part)))
+}
+
 /// serde `with` module for large byte fields held as [`Bytes`] (task arguments): the same wire
 /// format as `serde_bytes`, but a frame built by [`frame_chunks`] refers to the field instead of
 /// copying it, and a large frame decoded by [`FrameDecoder`] lends the field its own memory. A
 /// 256 MiB broadcast argument is then encoded once, whatever the number of nodes, and each hop
 /// (quinn, the worker, the executor socket) holds one copy, not three.
 pub mod shared_bytes {
-    use super::{Bytes, DECODING, ENCODING, SHARED_MIN, within};
+    use super::{Bytes, ENCODING, SHARED_MIN};
     use serde::{Deserializer, Serializer};
 
     /// Serialize as bytes; noted for [`super::frame_chunks`] when large.
@@ -83,8 +89,7 @@ pub mod shared_bytes {
         }
 
         fn visit_borrowed_bytes<E: serde::de::Error>(self, v: &'de [u8]) -> Result<Bytes, E> {
-            let shared = DECODING.with(|d| d.borrow().as_ref().filter(|frame| within(frame, v)).map(|frame| frame.slice_ref(v)));
-            Ok(shared.unwrap_or_else(|| Bytes::copy_from_slice(v)))
+            Ok(super::shared_slice(v).unwrap_or_else(|| Bytes::copy_from_slice(v)))
         }
 
         fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Bytes, E> {

@@ -33,7 +33,7 @@ pub use skyward_function::collections::{
 };
 pub use skyward_function::context::try_instance_info;
 pub use skyward_function::shard::{ShardMode, ShardOptions, Shardable, shard_indices};
-pub use skyward_function::{Call, InstanceInfo, StreamCall, instance_info, shard, shard_with};
+pub use skyward_function::{Blob, Call, InstanceInfo, StreamCall, instance_info, shard, shard_with};
 pub use skyward_macros::{function, main};
 pub use skyward_proto::error::{RemoteError, RemoteErrorKind, TaskError};
 pub use skyward_proto::message::{CommandExit, TaskId, WorkerFacts};
