@@ -157,6 +157,9 @@ struct TmState {
     members: MembersLog,
     stats: TaskStats,
     closed: bool,
+    /// Answers for callers, sent once the lock is released (`BookGuard`): a caller woken while
+    /// the book is still locked would find it locked when it submits its next call.
+    outbox: Vec<(Reply, Done)>,
 }
 
 impl TmState {
@@ -190,7 +193,7 @@ impl TmState {
                 timer.abort();
             }
             self.stats.finished += 1;
-            let _ = entry.request.reply.send(Done { result, rank: entry.running_on });
+            self.outbox.push((entry.request.reply, Done { result, rank: entry.running_on }));
         }
     }
 
@@ -263,6 +266,17 @@ impl TmState {
         }
     }
 
+    /// The counters, with what is queued, running and held in shared memory now.
+    fn stats(&self) -> TaskStats {
+        let mut stats = self.stats.clone();
+        stats.queued = self.tasks.values().filter(|e| e.running_on.is_none()).count();
+        stats.running = self.tasks.values().filter(|e| e.running_on.is_some()).count();
+        let mut objects = std::collections::HashSet::new();
+        self.nodes.values().for_each(|slot| slot.node.shared_memory_objects(&mut objects));
+        stats.shared_memory_objects = objects.len();
+        stats
+    }
+
     /// Put a task whose node was lost back in line. The caller has already released its slot.
     fn requeue(&mut self, task: TaskId) {
         let max = self.max_retries;
@@ -296,13 +310,14 @@ impl TmState {
             members: MembersLog::default(),
             stats: TaskStats::default(),
             closed: false,
+            outbox: Vec::new(),
         }
     }
 
     /// Book a new task and dispatch it when a slot is free and nothing waits ahead of it.
     fn submit(&mut self, request: Box<TaskRequest>, me: &ActorRef<TmMsg>, runtime: &tokio::runtime::Handle) {
         if self.closed {
-            let _ = request.reply.send(Done { result: Err(TaskError::PoolClosed), rank: None });
+            self.outbox.push((request.reply, Done { result: Err(TaskError::PoolClosed), rank: None }));
             return;
         }
         let id = request.id;
@@ -370,14 +385,48 @@ pub(crate) struct Book {
 impl Book {
     /// The state. After a panic under the lock the bookkeeping cannot be trusted: the book is
     /// closed (every waiting caller and every later submit gets `PoolClosed`).
-    fn lock(&self) -> MutexGuard<'_, TmState> {
-        self.state.lock().unwrap_or_else(|poisoned| {
+    fn lock(&self) -> BookGuard<'_> {
+        let state = self.state.lock().unwrap_or_else(|poisoned| {
             let mut state = poisoned.into_inner();
             if !state.closed {
                 state.close();
             }
             state
-        })
+        });
+        BookGuard(Some(state))
+    }
+}
+
+/// The locked book. Dropping it releases the lock first and then answers the callers whose
+/// tasks ended meanwhile. Why: a sync caller answered under the lock woke on the other CPU,
+/// submitted its next call at once and found the book still locked by the reader that answered
+/// it (spin, then sleep on the futex, then another wake-up when the reader unlocked): a
+/// contended lock and an extra context switch on every round trip.
+struct BookGuard<'a>(Option<MutexGuard<'a, TmState>>);
+
+impl std::ops::Deref for BookGuard<'_> {
+    type Target = TmState;
+
+    fn deref(&self) -> &TmState {
+        self.0.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for BookGuard<'_> {
+    fn deref_mut(&mut self) -> &mut TmState {
+        self.0.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for BookGuard<'_> {
+    /// Also while unwinding from a panic under the lock: the answers taken are complete ones.
+    fn drop(&mut self) {
+        let Some(mut state) = self.0.take() else { return };
+        let outbox = std::mem::take(&mut state.outbox);
+        drop(state);
+        for (reply, done) in outbox {
+            let _ = reply.send(done);
+        }
     }
 }
 
@@ -460,6 +509,21 @@ impl Actor for TaskManager {
     }
 
     async fn handle(&self, _myself: ActorRef<TmMsg>, message: TmMsg, actor: &mut TmActorState) -> Result<(), ActorProcessingErr> {
+        // Questions are answered after the lock is released (see `BookGuard`): a broadcast's
+        // caller submits as soon as it has the ranks.
+        let message = match message {
+            TmMsg::Ranks(reply) => {
+                let order = actor.book.lock().order.clone();
+                let _ = reply.send(order);
+                return Ok(());
+            }
+            TmMsg::Stats(reply) => {
+                let stats = actor.book.lock().stats();
+                let _ = reply.send(stats);
+                return Ok(());
+            }
+            message => message,
+        };
         let mut state = actor.book.lock();
         let state = &mut *state;
         match message {
@@ -535,21 +599,62 @@ impl Actor for TaskManager {
                     slot.node.grant(task, items);
                 }
             }
-            TmMsg::Ranks(reply) => {
-                let _ = reply.send(state.order.clone());
-            }
-            TmMsg::Stats(reply) => {
-                let mut stats = state.stats.clone();
-                stats.queued = state.tasks.values().filter(|e| e.running_on.is_none()).count();
-                stats.running = state.tasks.values().filter(|e| e.running_on.is_some()).count();
-                let mut objects = std::collections::HashSet::new();
-                state.nodes.values().for_each(|slot| slot.node.shared_memory_objects(&mut objects));
-                stats.shared_memory_objects = objects.len();
-                let _ = reply.send(stats);
-            }
+            TmMsg::Ranks(_) | TmMsg::Stats(_) => unreachable!("answered above, outside the lock"),
             TmMsg::Close => state.close(),
             TmMsg::Failed => return Err("the task manager's bookkeeping panicked on the hot path".into()),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skyward_proto::message::{Args, BinaryHash};
+
+    fn request(id: u64) -> (Box<TaskRequest>, oneshot::Receiver<Done>) {
+        let (reply, rx) = oneshot::channel();
+        let kind =
+            TaskKind::Function { name: "f".into(), binary: BinaryHash([0; 32]), args: Args::Inline(bytes::Bytes::new()), streaming: false };
+        let request = TaskRequest {
+            id: TaskId(id),
+            kind,
+            placement: Placement::Any,
+            timeout: None,
+            reply,
+            sinks: TaskSinks::default(),
+            initial_credit: 0,
+            _prepared: None,
+        };
+        (Box::new(request), rx)
+    }
+
+    #[test]
+    fn callers_are_answered_only_once_the_book_is_unlocked() {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let book = Book { state: Mutex::new(TmState::new(0)), runtime: runtime.handle().clone() };
+        let mut waiting = Vec::new();
+        {
+            let mut state = book.lock();
+            for id in 1..=3 {
+                let (request, rx) = request(id);
+                state.tasks.insert(TaskId(id), Entry { request, attempts: 0, running_on: None, timer: None });
+                state.queue.push_back(TaskId(id));
+                waiting.push(rx);
+            }
+        }
+        {
+            // One task ends (cancelled), then the pool closes: the others get `PoolClosed`.
+            let mut state = book.lock();
+            state.finish(TaskId(2), Err(TaskError::Cancelled));
+            state.close();
+            assert!(book.state.try_lock().is_err(), "the book is locked here");
+            for rx in &mut waiting {
+                assert!(rx.try_recv().is_err(), "a caller was answered while the book was locked");
+            }
+        }
+        let answers: Vec<Done> = waiting.iter_mut().map(|rx| rx.try_recv().expect("answered once the lock was released")).collect();
+        assert!(matches!(answers[1].result, Err(TaskError::Cancelled)), "{answers:?}");
+        assert!(answers.iter().enumerate().all(|(i, d)| i == 1 || matches!(d.result, Err(TaskError::PoolClosed))), "{answers:?}");
     }
 }
