@@ -58,6 +58,12 @@ async fn blob_home(data: skyward::Blob) -> anyhow::Result<(usize, u64, String)> 
     Ok((data.len(), checksum(&data), home))
 }
 
+/// A large `Blob` result: the bytes reversed.
+#[skyward::function]
+async fn reversed(data: skyward::Blob) -> skyward::Blob {
+    skyward::Blob::from(data.iter().rev().copied().collect::<Vec<u8>>())
+}
+
 fn checksum(data: &[u8]) -> u64 {
     data.iter().enumerate().fold(0u64, |acc, (i, b)| acc.wrapping_mul(31).wrapping_add((*b as u64) ^ (i as u64)))
 }
@@ -146,6 +152,9 @@ async fn every_api_on_three_nodes(mode: Mode) -> anyhow::Result<()> {
         let in_memfd = home.starts_with("/memfd:skyward-args");
         anyhow::ensure!(in_memfd == shared_memory, "a Blob's bytes live in {home:?} (shared memory: {shared_memory})");
     }
+    // A large Blob comes back as a result too (the caller decodes it without a copy).
+    let back = pool.run(reversed(skyward::Blob::from(data.clone()))).await?;
+    anyhow::ensure!(back.len() == data.len() && back.iter().eq(data.iter().rev()), "a Blob result came back different");
     // Every task has its result: no shared-memory object is left open.
     let open = pool.stats().await?.shared_memory_objects;
     anyhow::ensure!(open == 0, "{open} shared-memory argument objects still open after their tasks");

@@ -706,8 +706,9 @@ impl<R> TaskHandle<R> {
     }
 }
 
-fn decode<R: DeserializeOwned>(name: &str, bytes: &[u8]) -> Result<R, Error> {
-    codec::from_bytes(bytes, "result").map_err(|e| {
+/// Decode a result or stream item; a large `skyward::Blob` in it keeps `bytes` instead of a copy.
+fn decode<R: DeserializeOwned>(name: &str, bytes: Vec<u8>) -> Result<R, Error> {
+    codec::from_shared(&bytes::Bytes::from(bytes), "result").map_err(|e| {
         let mut err = RemoteError::new(
             skyward_proto::error::RemoteErrorKind::Codec,
             format!("cannot decode the result of `{name}`: {e}; do the coordinator and the nodes run the same binary?"),
@@ -733,7 +734,7 @@ impl<R: DeserializeOwned> Future for TaskHandle<R> {
                 let done = done.unwrap_or(Done { result: Err(TaskError::PoolClosed), rank: None });
                 let task = this.id.unwrap_or(TaskId(0));
                 Poll::Ready(match done.result {
-                    Ok(bytes) => decode(this.name, &bytes),
+                    Ok(bytes) => decode(this.name, bytes),
                     Err(source) => Err(Error::Task { task, function: this.name.to_string(), rank: done.rank, source: Box::new(source) }),
                 })
             }
@@ -782,7 +783,7 @@ impl<T: DeserializeOwned> Stream for TaskStream<T> {
                 let _ = this.tm.cast(TmMsg::Credit { task, items: this.consumed });
                 this.consumed = 0;
             }
-            return Poll::Ready(Some(decode(this.name, &bytes)));
+            return Poll::Ready(Some(decode(this.name, bytes)));
         }
         let Some(done_rx) = this.done.as_mut() else {
             this.finished = true;
@@ -803,7 +804,7 @@ impl<T: DeserializeOwned> Stream for TaskStream<T> {
                             source: Box::new(source),
                         });
                     }
-                    return Poll::Ready(Some(decode(this.name, &bytes)));
+                    return Poll::Ready(Some(decode(this.name, bytes)));
                 }
                 this.done = None;
                 this.finished = true;
