@@ -152,7 +152,7 @@ async fn every_api_on_three_nodes(mode: Mode) -> anyhow::Result<()> {
         let in_memfd = home.starts_with("/memfd:skyward-args");
         anyhow::ensure!(in_memfd == shared_memory, "a Blob's bytes live in {home:?} (shared memory: {shared_memory})");
     }
-    // A large Blob comes back as a result too (the caller decodes it without a copy).
+    // A large Blob comes back as a result too (decoded in the caller from the result's buffer).
     let back = pool.run(reversed(skyward::Blob::from(data.clone()))).await?;
     anyhow::ensure!(back.len() == data.len() && back.iter().eq(data.iter().rev()), "a Blob result came back different");
     // Every task has its result: no shared-memory object is left open.

@@ -343,9 +343,9 @@ impl TmState {
         }
     }
 
-    /// A node finished `task`: answer its caller (unless another node owns it now) and fill
-    /// the freed slot.
-    fn completed(&mut self, task: TaskId, rank: u32, outcome: Outcome) {
+    /// A node finished `task`: answer its caller (unless another node owns it now). Returns
+    /// whether queued tasks wait for the freed slot (`drain`, under the lock taken next).
+    fn completed(&mut self, task: TaskId, rank: u32, outcome: Outcome) -> bool {
         let owned = self.tasks.get(&task).is_some_and(|e| e.running_on == Some(rank));
         if owned {
             let result = match outcome {
@@ -354,8 +354,8 @@ impl TmState {
                 Outcome::Cancelled => Err(TaskError::Cancelled),
             };
             self.finish(task, result);
-            self.drain();
         }
+        owned && !(self.queue.is_empty() && self.pinned.is_empty())
     }
 
     /// No more tasks: every waiting caller gets `PoolClosed`, and so does every later submit.
@@ -451,8 +451,14 @@ impl TaskManagerRef {
     }
 
     /// Book a node's answer on this thread; dispatches the next queued task into the freed slot.
+    /// The caller is answered first, between the two: a dispatch may write a large argument
+    /// into shared memory, and the answer should not wait for it.
     pub(crate) fn completed(&self, task: TaskId, rank: u32, outcome: Outcome) {
-        self.apply(|state| state.completed(task, rank, outcome));
+        let mut queued = false;
+        self.apply(|state| queued = state.completed(task, rank, outcome));
+        if queued {
+            self.apply(TmState::drain);
+        }
     }
 
     /// Apply an event to the book on this thread. A caller outside any runtime (a plain thread)

@@ -186,12 +186,14 @@ impl<A: Actor> ActorRef<A> {
     /// Send `msg` and wait for the handler's answer.
     pub async fn call(&self, msg: &A::Msg) -> Result<A::Reply, ClusterError> {
         match self.send(msg, true).await? {
-            Reply::Bytes(bytes) => codec::from_bytes(&bytes, "actor reply").map_err(|e| ClusterError::Decode {
-                kind: skyward_proto::cluster::Kind::Actor,
-                name: self.label(),
-                type_name: std::any::type_name::<A::Reply>().to_string(),
-                reason: e.to_string(),
-            }),
+            Reply::Bytes(bytes) => {
+                codec::from_shared(&bytes::Bytes::from(bytes.into_vec()), "actor reply").map_err(|e| ClusterError::Decode {
+                    kind: skyward_proto::cluster::Kind::Actor,
+                    name: self.label(),
+                    type_name: std::any::type_name::<A::Reply>().to_string(),
+                    reason: e.to_string(),
+                })
+            }
             other => Err(ClusterError::Transport(format!("actor {}: unexpected answer {other:?}", self.label()))),
         }
     }

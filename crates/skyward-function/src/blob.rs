@@ -15,7 +15,9 @@ use std::ops::{Deref, RangeBounds};
 /// or more *refers to them*. Arguments that reached the node through shared memory (a node on the
 /// caller's machine) are then read where the caller wrote them, once for every node of a
 /// broadcast; arguments that came over the network are read in the buffer they were received in.
-/// A `Blob` keeps the buffer it refers to alive; [`Blob::copy_from_slice`] gives one that does not.
+/// A `Blob` keeps the buffer it refers to alive: the whole arguments it came with (a shared-memory
+/// mapping of the caller's object, or the received frame), not only its own bytes. To keep a
+/// large blob past its call without the rest, copy it ([`Blob::copy_from_slice`]).
 ///
 /// ```
 /// # use skyward_function::Blob;
@@ -131,6 +133,15 @@ impl<'de> Visitor<'de> for BlobVisitor {
 
     fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Blob, E> {
         Ok(Blob::from(v))
+    }
+
+    /// Self-describing formats may hand bytes over as a string (as `serde_bytes::ByteBuf` takes).
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Blob, E> {
+        Ok(Blob::copy_from_slice(v.as_bytes()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Blob, E> {
+        Ok(Blob::from(v.into_bytes()))
     }
 
     /// Formats without a byte type (JSON) write bytes as a sequence of numbers.

@@ -199,11 +199,22 @@ pub fn frame_chunks<T: Serialize + ?Sized>(message: &T) -> Result<Frame, Protoco
 }
 
 /// Decode `frame` (a frame's payload held as `Bytes`): [`shared_bytes`] fields borrow its memory.
+/// A frame shorter than [`SHARED_MIN`] holds no field worth sharing: it is decoded as a slice.
 pub fn from_shared<T: DeserializeOwned>(frame: &Bytes, what: &'static str) -> Result<T, ProtocolError> {
-    DECODING.with(|d| *d.borrow_mut() = Some(frame.clone()));
-    let result = postcard::from_bytes(frame);
-    DECODING.with(|d| *d.borrow_mut() = None);
-    result.map_err(|e| ProtocolError::Malformed { what, reason: e.to_string() })
+    if frame.len() < SHARED_MIN {
+        return from_bytes(frame, what);
+    }
+    /// Puts back the frame decoded before (a nested decode), also when a `Deserialize` panics:
+    /// a frame left behind would keep its memory alive on this thread.
+    struct Restore(Option<Bytes>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            DECODING.with(|d| *d.borrow_mut() = previous);
+        }
+    }
+    let _restore = Restore(DECODING.with(|d| d.borrow_mut().replace(frame.clone())));
+    postcard::from_bytes(frame).map_err(|e| ProtocolError::Malformed { what, reason: e.to_string() })
 }
 
 /// Append one frame holding `message` to `out`.
@@ -436,5 +447,41 @@ mod tests {
         dec.push(&[5, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff]);
         let err = dec.next::<ToWorker>("ToWorker").unwrap_err();
         assert!(matches!(err, ProtocolError::Malformed { what: "ToWorker", .. }), "{err:?}");
+    }
+
+    /// Deserializes like `u8`, but panics when it sees 0xff.
+    struct Touchy;
+
+    impl<'de> serde::Deserialize<'de> for Touchy {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            let b = u8::deserialize(deserializer)?;
+            assert_ne!(b, 0xff, "touchy");
+            Ok(Touchy)
+        }
+    }
+
+    #[test]
+    fn a_decode_leaves_no_frame_behind_even_when_it_panics() {
+        let big = vec![7u8; SHARED_MIN];
+        let frame = Bytes::from(to_bytes(&(serde_bytes::Bytes::new(&big), 0xffu8)).unwrap());
+        let outcome = std::panic::catch_unwind(|| from_shared::<(serde_bytes::ByteBuf, Touchy)>(&frame, "test"));
+        assert!(outcome.is_err(), "the Deserialize panicked");
+        assert!(shared_slice(&frame[10..20]).is_none(), "the panicked decode left its frame on the thread");
+        assert!(DECODING.with(|d| d.borrow().is_none()));
+
+        // A nested decode puts the outer frame back: the outer decode's later fields still borrow it.
+        let inner = Bytes::from(to_bytes(&serde_bytes::Bytes::new(&big)).unwrap());
+        let _outer = Restoring(DECODING.with(|d| d.borrow_mut().replace(frame.clone())));
+        let _: serde_bytes::ByteBuf = from_shared(&inner, "inner").unwrap();
+        assert!(shared_slice(&frame[10..20]).is_some(), "the nested decode dropped the outer frame");
+    }
+
+    /// Clears the thread's frame when the test ends.
+    struct Restoring(Option<Bytes>);
+
+    impl Drop for Restoring {
+        fn drop(&mut self) {
+            DECODING.with(|d| *d.borrow_mut() = self.0.take());
+        }
     }
 }
