@@ -198,22 +198,31 @@ pub fn frame_chunks<T: Serialize + ?Sized>(message: &T) -> Result<Frame, Protoco
     ))
 }
 
+/// The frame this thread decodes, for as long as the value lives; then the one decoded before it
+/// (a nested decode), also when a `Deserialize` panics: a frame left behind would keep its
+/// memory alive on this thread.
+struct Decoding(Option<Bytes>);
+
+impl Decoding {
+    fn start(frame: &Bytes) -> Self {
+        Decoding(DECODING.with(|d| d.borrow_mut().replace(frame.clone())))
+    }
+}
+
+impl Drop for Decoding {
+    fn drop(&mut self) {
+        let previous = self.0.take();
+        DECODING.with(|d| *d.borrow_mut() = previous);
+    }
+}
+
 /// Decode `frame` (a frame's payload held as `Bytes`): [`shared_bytes`] fields borrow its memory.
 /// A frame shorter than [`SHARED_MIN`] holds no field worth sharing: it is decoded as a slice.
 pub fn from_shared<T: DeserializeOwned>(frame: &Bytes, what: &'static str) -> Result<T, ProtocolError> {
     if frame.len() < SHARED_MIN {
         return from_bytes(frame, what);
     }
-    /// Puts back the frame decoded before (a nested decode), also when a `Deserialize` panics:
-    /// a frame left behind would keep its memory alive on this thread.
-    struct Restore(Option<Bytes>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            let previous = self.0.take();
-            DECODING.with(|d| *d.borrow_mut() = previous);
-        }
-    }
-    let _restore = Restore(DECODING.with(|d| d.borrow_mut().replace(frame.clone())));
+    let _restore = Decoding::start(frame);
     postcard::from_bytes(frame).map_err(|e| ProtocolError::Malformed { what, reason: e.to_string() })
 }
 
@@ -471,17 +480,8 @@ mod tests {
 
         // A nested decode puts the outer frame back: the outer decode's later fields still borrow it.
         let inner = Bytes::from(to_bytes(&serde_bytes::Bytes::new(&big)).unwrap());
-        let _outer = Restoring(DECODING.with(|d| d.borrow_mut().replace(frame.clone())));
+        let _outer = Decoding::start(&frame);
         let _: serde_bytes::ByteBuf = from_shared(&inner, "inner").unwrap();
         assert!(shared_slice(&frame[10..20]).is_some(), "the nested decode dropped the outer frame");
-    }
-
-    /// Clears the thread's frame when the test ends.
-    struct Restoring(Option<Bytes>);
-
-    impl Drop for Restoring {
-        fn drop(&mut self) {
-            DECODING.with(|d| *d.borrow_mut() = self.0.take());
-        }
     }
 }
