@@ -515,23 +515,8 @@ impl Actor for TaskManager {
     }
 
     async fn handle(&self, _myself: ActorRef<TmMsg>, message: TmMsg, actor: &mut TmActorState) -> Result<(), ActorProcessingErr> {
-        // Questions are answered after the lock is released (see `BookGuard`): a broadcast's
-        // caller submits as soon as it has the ranks.
-        let message = match message {
-            TmMsg::Ranks(reply) => {
-                let order = actor.book.lock().order.clone();
-                let _ = reply.send(order);
-                return Ok(());
-            }
-            TmMsg::Stats(reply) => {
-                let stats = actor.book.lock().stats();
-                let _ = reply.send(stats);
-                return Ok(());
-            }
-            message => message,
-        };
-        let mut state = actor.book.lock();
-        let state = &mut *state;
+        let mut guard = actor.book.lock();
+        let state = &mut *guard;
         match message {
             TmMsg::Forgotten { task, rank } => {
                 if state.tasks.get(&task).is_some_and(|e| e.running_on == Some(rank)) {
@@ -605,7 +590,18 @@ impl Actor for TaskManager {
                     slot.node.grant(task, items);
                 }
             }
-            TmMsg::Ranks(_) | TmMsg::Stats(_) => unreachable!("answered above, outside the lock"),
+            // Questions are answered after the lock is released (see `BookGuard`): a
+            // broadcast's caller submits as soon as it has the ranks.
+            TmMsg::Ranks(reply) => {
+                let order = state.order.clone();
+                drop(guard);
+                let _ = reply.send(order);
+            }
+            TmMsg::Stats(reply) => {
+                let stats = state.stats();
+                drop(guard);
+                let _ = reply.send(stats);
+            }
             TmMsg::Close => state.close(),
             TmMsg::Failed => return Err("the task manager's bookkeeping panicked on the hot path".into()),
         }
