@@ -491,7 +491,9 @@ impl Worker {
             };
             // Every frame this read brought is handled under one cork: the calls they start go
             // to the executor in one write.
-            if let Err(e) = recv.handle_batch("ToWorker", message, |m| self.on_stream_message(m, &mut members, &sink)) {
+            if let Err(e) =
+                recv.handle_batch("ToWorker", message, &mut skyward_net::EachMessage(|m| self.on_stream_message(m, &mut members, &sink)))
+            {
                 tracing::warn!(error = %e, "closing a task stream");
                 break;
             }

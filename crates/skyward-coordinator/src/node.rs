@@ -188,11 +188,12 @@ async fn open_lanes(shared: Arc<NodeShared>, connection: quinn::Connection) {
         let lane_connection = connection.clone();
         tokio::spawn(async move {
             let mut recv = FramedRecv::new(recv, reader_shared.max_frame);
+            let mut batch = LaneBatch { node: &reader_shared, done: Vec::new() };
             loop {
                 let next = match recv.next::<ToCoordinator>("ToCoordinator").await {
                     // Every answer this read brought is handled under one cork: the tasks
                     // dispatched into the slots they free go out in one write per lane.
-                    Ok(Some(message)) => recv.handle_batch("ToCoordinator", message, |m| reader_shared.process(m)),
+                    Ok(Some(message)) => recv.handle_batch("ToCoordinator", message, &mut batch),
                     Ok(None) => break,
                     Err(e) => Err(e),
                 };
@@ -250,6 +251,14 @@ impl NodeShared {
 
     /// Feed one message from the worker and route everything the session produces.
     pub(crate) fn process(&self, message: ToCoordinator) {
+        let mut done = Vec::new();
+        self.process_deferred(message, &mut done);
+        self.tm.completed_all(self.rank, &mut done);
+    }
+
+    /// [`NodeShared::process`], with the tasks it completes put in `done` for one
+    /// [`TaskManagerRef::completed_all`] per batch of a lane's answers instead of one booking each.
+    fn process_deferred(&self, message: ToCoordinator, done: &mut Vec<(TaskId, Outcome)>) {
         // Replies keep the CPUs polling (more are likely to follow); heartbeats do not, so an
         // idle pool stays idle.
         if matches!(
@@ -267,15 +276,23 @@ impl NodeShared {
             drain(&mut session)
         };
         self.send_control(transmit);
-        self.route(events);
+        self.route_deferred(events, done);
     }
 
+    /// Route what the session produced.
     fn route(&self, events: Vec<NodeEvent>) {
+        let mut done = Vec::new();
+        self.route_deferred(events, &mut done);
+        self.tm.completed_all(self.rank, &mut done);
+    }
+
+    /// [`NodeShared::route`], with completed tasks put in `done` (see `process_deferred`).
+    fn route_deferred(&self, events: Vec<NodeEvent>, done: &mut Vec<(TaskId, Outcome)>) {
         for event in events {
             match event {
                 NodeEvent::Completed { task, outcome } => {
                     self.sinks.lock().expect("sinks lock").remove(&task);
-                    self.tm.completed(task, self.rank, outcome);
+                    done.push((task, outcome));
                 }
                 NodeEvent::Item { task, payload, .. } => {
                     if let Some(items) = self.sinks.lock().expect("sinks lock").get(&task).and_then(|s| s.items.as_ref()) {
@@ -296,6 +313,8 @@ impl NodeShared {
                     }
                 }
                 NodeEvent::Lost { in_flight, silent_for } => {
+                    // What the node answered before it was lost is booked first.
+                    self.tm.completed_all(self.rank, done);
                     if let Some(actor) = self.node_actor.lock().expect("actor lock").as_ref() {
                         let _ = actor.cast(NodeMsg::Lost { in_flight, silent_for });
                     }
@@ -305,6 +324,23 @@ impl NodeShared {
                 NodeEvent::ClusterSynced { epoch } => self.cluster.on_synced(self.rank, epoch),
             }
         }
+    }
+}
+
+/// The answers of one read from a lane: booked together, one lock on the task manager's book per
+/// stretch instead of two per answer (the answer, then the next task into the freed slot).
+struct LaneBatch<'a> {
+    node: &'a NodeShared,
+    done: Vec<(TaskId, Outcome)>,
+}
+
+impl skyward_net::Batch<ToCoordinator> for LaneBatch<'_> {
+    fn message(&mut self, message: ToCoordinator) {
+        self.node.process_deferred(message, &mut self.done);
+    }
+
+    fn flush(&mut self) {
+        self.node.tm.completed_all(self.node.rank, &mut self.done);
     }
 }
 

@@ -450,12 +450,19 @@ impl TaskManagerRef {
         self.apply(|state| state.submit(request, &self.actor, &self.book.runtime));
     }
 
-    /// Book a node's answer on this thread; dispatches the next queued task into the freed slot.
-    /// The caller is answered first, between the two: a dispatch may write a large argument
-    /// into shared memory, and the answer should not wait for it.
-    pub(crate) fn completed(&self, task: TaskId, rank: u32, outcome: Outcome) {
+    /// Book a node's answers (taken from `done`) on this thread; dispatches queued tasks into the
+    /// freed slots. The callers are answered first, between the two: a dispatch may write a large
+    /// argument into shared memory, and the answers should not wait for it.
+    pub(crate) fn completed_all(&self, rank: u32, done: &mut Vec<(TaskId, Outcome)>) {
+        if done.is_empty() {
+            return;
+        }
         let mut queued = false;
-        self.apply(|state| queued = state.completed(task, rank, outcome));
+        self.apply(|state| {
+            for (task, outcome) in done.drain(..) {
+                queued |= state.completed(task, rank, outcome);
+            }
+        });
         if queued {
             self.apply(TmState::drain);
         }

@@ -16,6 +16,25 @@ pub enum RecvError {
     Read(#[from] quinn::ReadError),
 }
 
+/// What a reader does with the messages of one [`FramedRecv::handle_batch`].
+pub trait Batch<T> {
+    /// Handle one message.
+    fn message(&mut self, message: T);
+    /// End of a stretch of messages (every [`crate::CORK_BATCH`], and the batch's end), just
+    /// before the frames sent meanwhile are written: do what was put off for the stretch.
+    fn flush(&mut self) {}
+}
+
+/// A [`Batch`] that handles each message with a closure and puts nothing off.
+#[derive(Debug)]
+pub struct EachMessage<F>(pub F);
+
+impl<T, F: FnMut(T)> Batch<T> for EachMessage<F> {
+    fn message(&mut self, message: T) {
+        (self.0)(message);
+    }
+}
+
 /// Reads whole frames from a QUIC receive stream.
 #[derive(Debug)]
 pub struct FramedRecv {
@@ -50,20 +69,35 @@ impl FramedRecv {
     }
 
     /// Handle `first`, then every message to be had without waiting, under one [`crate::Cork`]
-    /// (flushed every [`crate::CORK_BATCH`] messages): what `handle` sends meanwhile goes out in
-    /// one write per stream for the whole batch. A reader calls this after each `next().await`.
-    pub fn handle_batch<T: DeserializeOwned>(&mut self, what: &'static str, first: T, mut handle: impl FnMut(T)) -> Result<(), RecvError> {
+    /// (flushed every [`crate::CORK_BATCH`] messages): what the handler sends meanwhile goes out
+    /// in one write per stream for the whole batch. Before each of those writes, and at the end,
+    /// the handler's [`Batch::flush`] does what it put off over the stretch. A reader calls this
+    /// after each `next().await`.
+    pub fn handle_batch<T: DeserializeOwned>(
+        &mut self,
+        what: &'static str,
+        first: T,
+        handler: &mut impl Batch<T>,
+    ) -> Result<(), RecvError> {
         let cork = crate::Cork::new();
-        handle(first);
+        handler.message(first);
         let mut handled = 1usize;
-        while let Some(message) = self.try_next(what)? {
-            handle(message);
+        let read = loop {
+            let message = match self.try_next(what) {
+                Ok(Some(message)) => message,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            };
+            handler.message(message);
             handled += 1;
             if handled.is_multiple_of(crate::CORK_BATCH) {
+                handler.flush();
                 cork.flush();
             }
-        }
-        Ok(())
+        };
+        // Also after a bad frame: what was read before it is handled in full.
+        handler.flush();
+        read
     }
 
     /// The next message when it can be had without waiting: already buffered, or in data the
