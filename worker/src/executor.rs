@@ -27,11 +27,32 @@ pub enum CallEvent {
     Done(Result<Vec<u8>, RemoteError>),
 }
 
-/// Called once with a unary call's result, from the executor's reader task.
-pub type UnaryDone = Box<dyn FnOnce(Result<Vec<u8>, RemoteError>) + Send>;
+/// A unary call's result, with the token its [`UnaryDone`] carried.
+pub type UnaryResult = (u64, Result<Vec<u8>, RemoteError>);
+
+/// Takes unary calls' results where the executor's reader reads them: all those of one read
+/// that go to the same `UnaryFinish` at once, so that it can book them under one lock.
+pub trait UnaryFinish: Send + Sync {
+    /// Take every result in `results` (in the order read).
+    fn finish(&self, results: &mut Vec<UnaryResult>);
+}
+
+/// Where a unary call's result goes: `finish` gets it with `token`.
+pub struct UnaryDone {
+    /// Shared by the calls whose results may be finished together.
+    pub finish: Arc<dyn UnaryFinish>,
+    /// Names the call to `finish`.
+    pub token: u64,
+}
+
+impl std::fmt::Debug for UnaryDone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnaryDone").field("token", &self.token).finish_non_exhaustive()
+    }
+}
 
 /// Who waits for a call: a channel of its events, or (unary calls started with
-/// [`Executors::unary_now`]) a function that takes the result where it is read.
+/// [`Executors::unary_now`]) a [`UnaryFinish`] that takes the result where it is read.
 enum Waiter {
     Events(mpsc::UnboundedSender<CallEvent>),
     Done(UnaryDone),
@@ -43,7 +64,31 @@ impl Waiter {
             Waiter::Events(tx) => {
                 let _ = tx.send(CallEvent::Done(result));
             }
-            Waiter::Done(done) => done(result),
+            Waiter::Done(done) => done.finish.finish(&mut vec![(done.token, result)]),
+        }
+    }
+}
+
+/// The unary results of one read from an executor, handed on per [`UnaryFinish`].
+#[derive(Default)]
+struct Finishing {
+    to: Option<Arc<dyn UnaryFinish>>,
+    results: Vec<UnaryResult>,
+}
+
+impl Finishing {
+    fn push(&mut self, done: UnaryDone, result: Result<Vec<u8>, RemoteError>) {
+        if self.to.as_ref().is_some_and(|to| !Arc::ptr_eq(to, &done.finish)) {
+            self.flush();
+        }
+        self.to.get_or_insert(done.finish);
+        self.results.push((done.token, result));
+    }
+
+    fn flush(&mut self) {
+        if let Some(to) = self.to.take() {
+            to.finish(&mut self.results);
+            self.results.clear();
         }
     }
 }
@@ -385,8 +430,11 @@ impl Executors {
                     }
                 };
                 decoder.push(&chunk[..n]);
-                // The answers this read brought go out to the coordinator in one write per lane.
-                let _cork = skyward_net::Cork::new();
+                // The answers this read brought are booked together and go out to the
+                // coordinator in one write per lane.
+                let cork = skyward_net::Cork::new();
+                let mut finishing = Finishing::default();
+                let mut malformed = false;
                 loop {
                     match decoder.next::<FromExecutor>("FromExecutor") {
                         Ok(Some(FromExecutor::Ready { pid, functions })) => {
@@ -406,16 +454,25 @@ impl Executors {
                         }
                         Ok(Some(FromExecutor::Done { id, result })) => {
                             let waiter = reader_waiters.lock().expect("waiters").remove(&id);
-                            if let Some(waiter) = waiter {
-                                waiter.finish(result.map(|b| b.into_vec()));
+                            match waiter {
+                                Some(Waiter::Done(done)) => finishing.push(done, result.map(|b| b.into_vec())),
+                                Some(waiter) => waiter.finish(result.map(|b| b.into_vec())),
+                                None => {}
                             }
                         }
                         Ok(None) => break,
                         Err(e) => {
                             failure = Some(format!("executor sent a malformed frame: {e}"));
-                            break 'read;
+                            malformed = true;
+                            break;
                         }
                     }
+                }
+                // Also before a malformed frame ends the executor: what came before it is kept.
+                finishing.flush();
+                drop(cork);
+                if malformed {
+                    break 'read;
                 }
             }
             reader_alive.store(false, Ordering::Release);

@@ -110,6 +110,43 @@ struct Worker {
     exit: Mutex<Option<ExitReason>>,
     exit_notify: Notify,
     wake_timer: Notify,
+    /// Where the executors' readers hand unary results (`finish_unary`); one for all calls, so
+    /// that the results of one read are booked together.
+    unary_finish: Arc<UnaryFinisher>,
+}
+
+/// A message for the session, with the task whose replies go back on its stream.
+type Incoming = (ToWorker, Option<TaskId>);
+
+/// The frames of one read from a task stream or lane (`serve_task_stream`).
+struct StreamBatch<'a> {
+    worker: &'a Arc<Worker>,
+    members: &'a mut Option<Members>,
+    sink: &'a Sink,
+    incoming: Vec<Incoming>,
+}
+
+impl skyward_net::Batch<ToWorker> for StreamBatch<'_> {
+    fn message(&mut self, message: ToWorker) {
+        if let Some(incoming) = self.worker.on_stream_message(message, self.members, self.sink) {
+            self.incoming.push(incoming);
+        }
+    }
+
+    fn flush(&mut self) {
+        self.worker.handle_incoming_all(&mut self.incoming, self.sink);
+    }
+}
+
+/// The worker's [`executor::UnaryFinish`] (weak: the calls in flight do not keep it alive).
+struct UnaryFinisher(std::sync::Weak<Worker>);
+
+impl executor::UnaryFinish for UnaryFinisher {
+    fn finish(&self, results: &mut Vec<executor::UnaryResult>) {
+        if let Some(worker) = self.0.upgrade() {
+            worker.finish_unary(results);
+        }
+    }
 }
 
 impl Worker {
@@ -152,19 +189,7 @@ impl Worker {
         let TaskSpec { kind: TaskKind::Function { name, args, .. }, info: spec_info, initial_credit, .. } = *spec else {
             unreachable!("matched a function above")
         };
-        let worker = Arc::clone(self);
-        let done: executor::UnaryDone = Box::new(move |result| {
-            let mut core = worker.core();
-            // Gone when the task was cancelled meanwhile (its outcome is already given).
-            if core.runners.remove(&task).is_some() {
-                let outcome = match result {
-                    Ok(bytes) => Outcome::Value(bytes),
-                    Err(e) => Outcome::Error(e),
-                };
-                core.session.finish(task, outcome);
-                worker.pump(&mut core);
-            }
-        });
+        let done = executor::UnaryDone { finish: Arc::clone(&self.unary_finish) as Arc<dyn executor::UnaryFinish>, token: task.0 };
         match self.executors.unary_now(binary, name, args, info, done) {
             Ok(control) => {
                 core.runners.insert(task, Runner { abort: None, credit: None, call: Some(control) });
@@ -177,6 +202,23 @@ impl Worker {
                 initial_credit,
             })),
         }
+    }
+
+    /// Book unary calls' results (`start_unary_now`), under one lock of the core.
+    fn finish_unary(self: &Arc<Self>, results: &mut Vec<executor::UnaryResult>) {
+        let mut core = self.core();
+        for (task, result) in results.drain(..) {
+            let task = TaskId(task);
+            // Gone when the task was cancelled meanwhile (its outcome is already given).
+            if core.runners.remove(&task).is_some() {
+                let outcome = match result {
+                    Ok(bytes) => Outcome::Value(bytes),
+                    Err(e) => Outcome::Error(e),
+                };
+                core.session.finish(task, outcome);
+            }
+        }
+        self.pump(&mut core);
     }
 
     fn finish_exit(&self, reason: ExitReason) {
@@ -258,6 +300,12 @@ impl Worker {
     fn handle_incoming(self: &Arc<Self>, message: ToWorker, route: Option<(TaskId, &Sink)>) {
         let now = self.now();
         let mut core = self.core();
+        Self::book_incoming(&mut core, message, route, now);
+        self.pump(&mut core);
+    }
+
+    /// Feed one message to the session (the caller pumps).
+    fn book_incoming(core: &mut Core, message: ToWorker, route: Option<(TaskId, &Sink)>, now: Time) {
         if let Some((task, sink)) = route {
             core.task_sinks.insert(task, sink.clone());
         }
@@ -269,7 +317,6 @@ impl Worker {
         if let Err(e) = core.session.handle(message, now) {
             tracing::warn!(error = %e, "protocol error from coordinator");
         }
-        self.pump(&mut core);
     }
 
     async fn run_task(self: Arc<Self>, task: TaskId, spec: TaskSpec, credit: Arc<Notify>) {
@@ -476,6 +523,7 @@ impl Worker {
         };
         // The membership as this stream's Submits built it (see skyward_proto::members).
         let mut members: Option<Members> = None;
+        let mut batch = StreamBatch { worker: &self, members: &mut members, sink: &sink, incoming: Vec::new() };
         let mut next = Some(first);
         loop {
             let message = match next.take() {
@@ -489,11 +537,9 @@ impl Worker {
                     }
                 },
             };
-            // Every frame this read brought is handled under one cork: the calls they start go
-            // to the executor in one write.
-            if let Err(e) =
-                recv.handle_batch("ToWorker", message, &mut skyward_net::EachMessage(|m| self.on_stream_message(m, &mut members, &sink)))
-            {
+            // Every frame this read brought is handled under one cork and booked under one lock
+            // of the core per stretch: the calls they start go to the executor in one write.
+            if let Err(e) = recv.handle_batch("ToWorker", message, &mut batch) {
                 tracing::warn!(error = %e, "closing a task stream");
                 break;
             }
@@ -503,8 +549,9 @@ impl Worker {
         drop(writer);
     }
 
-    /// One frame from a task stream or lane (see `serve_task_stream`).
-    fn on_stream_message(self: &Arc<Self>, mut message: ToWorker, members: &mut Option<Members>, sink: &Sink) {
+    /// One frame from a task stream or lane (see `serve_task_stream`): what is left for the
+    /// session (`handle_incoming_all`), with the task to route its replies for.
+    fn on_stream_message(self: &Arc<Self>, mut message: ToWorker, members: &mut Option<Members>, sink: &Sink) -> Option<Incoming> {
         if let ToWorker::Submit { task, spec } = &mut message {
             if let Some(update) = spec.members.take()
                 && let Err(e) = Members::apply(members, update)
@@ -518,15 +565,29 @@ impl Worker {
         }
         let route = match message {
             ToWorker::Submit { task, .. } | ToWorker::Resume { task, .. } => Some(task),
-            ToWorker::OpenLane => return,
+            ToWorker::OpenLane => return None,
             // Cluster requests on a lane are answered on it, written directly.
             ToWorker::ClusterRequest { id, op } => {
                 self.cluster_request(id, &op, sink.clone());
-                return;
+                return None;
             }
             _ => None,
         };
-        self.handle_incoming(message, route.map(|t| (t, sink)));
+        Some((message, route))
+    }
+
+    /// [`Worker::handle_incoming`] for the messages of one stream (taken from `incoming`),
+    /// under one lock of the core; replies to their tasks go to `sink`.
+    fn handle_incoming_all(self: &Arc<Self>, incoming: &mut Vec<Incoming>, sink: &Sink) {
+        if incoming.is_empty() {
+            return;
+        }
+        let now = self.now();
+        let mut core = self.core();
+        for (message, route) in incoming.drain(..) {
+            Self::book_incoming(&mut core, message, route.map(|t| (t, sink)), now);
+        }
+        self.pump(&mut core);
     }
 
     async fn serve_connection(self: &Arc<Self>, connection: quinn::Connection) -> Result<(), String> {
@@ -873,7 +934,8 @@ pub async fn run_with(config: WorkerConfig, inline: Option<InlineCalls>) -> anyh
                 .send(&skyward_proto::exec::ToExecutor::ClusterReply { id, result: Err(skyward_proto::cluster::ClusterError::Standalone) });
         }),
     };
-    let worker = Arc::new(Worker {
+    let worker = Arc::new_cyclic(|me| Worker {
+        unary_finish: Arc::new(UnaryFinisher(me.clone())),
         executors: Executors::new(config.cache_dir.clone(), config.state_dir.clone(), hook),
         cluster,
         inline,

@@ -25,16 +25,6 @@ pub trait Batch<T> {
     fn flush(&mut self) {}
 }
 
-/// A [`Batch`] that handles each message with a closure and puts nothing off.
-#[derive(Debug)]
-pub struct EachMessage<F>(pub F);
-
-impl<T, F: FnMut(T)> Batch<T> for EachMessage<F> {
-    fn message(&mut self, message: T) {
-        (self.0)(message);
-    }
-}
-
 /// Reads whole frames from a QUIC receive stream.
 #[derive(Debug)]
 pub struct FramedRecv {

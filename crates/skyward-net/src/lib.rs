@@ -17,7 +17,7 @@ pub mod udp;
 pub mod unix;
 
 pub use direct::{CORK_BATCH, Cork, DirectWriter, LaneWriter, UnixFrameWriter, WriterClosed};
-pub use framed::{Batch, EachMessage, FramedRecv, RecvError, WriteError, write_frame_shared, write_frames};
+pub use framed::{Batch, FramedRecv, RecvError, WriteError, write_frame_shared, write_frames};
 pub use tls::{CertBundle, PoolCa, TlsError};
 pub use tunnel::{Attachment, BoxTunnelIo, TunnelIo, TunnelSocket};
 
