@@ -504,3 +504,39 @@ impl Executors {
         self.running.lock().await.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records each hand-off: which results it got, in order.
+    #[derive(Default)]
+    struct Record(Mutex<Vec<Vec<u64>>>);
+
+    impl UnaryFinish for Record {
+        fn finish(&self, results: &mut Vec<UnaryResult>) {
+            self.0.lock().expect("record").push(results.drain(..).map(|(token, _)| token).collect());
+        }
+    }
+
+    fn done(to: &Arc<Record>, token: u64) -> UnaryDone {
+        UnaryDone { finish: Arc::clone(to) as Arc<dyn UnaryFinish>, token }
+    }
+
+    #[test]
+    fn a_reads_results_are_handed_on_together_per_finisher_in_order() {
+        let (a, b) = (Arc::new(Record::default()), Arc::new(Record::default()));
+        let mut finishing = Finishing::default();
+        for token in [1, 2, 3] {
+            finishing.push(done(&a, token), Ok(Vec::new()));
+        }
+        assert!(a.0.lock().expect("record").is_empty(), "nothing is handed on before the flush");
+        // Another finisher: what `a` has so far goes first.
+        finishing.push(done(&b, 4), Ok(Vec::new()));
+        finishing.push(done(&a, 5), Err(RemoteError::new(RemoteErrorKind::Worker, "failed")));
+        finishing.flush();
+        finishing.flush();
+        assert_eq!(*a.0.lock().expect("record"), vec![vec![1, 2, 3], vec![5]]);
+        assert_eq!(*b.0.lock().expect("record"), vec![vec![4]]);
+    }
+}
