@@ -30,8 +30,9 @@ pub enum CallEvent {
 /// A unary call's result, with the token its [`UnaryDone`] carried.
 pub type UnaryResult = (u64, Result<Vec<u8>, RemoteError>);
 
-/// Takes unary calls' results where the executor's reader reads them: all those of one read
-/// that go to the same `UnaryFinish` at once, so that it can book them under one lock.
+/// Takes unary calls' results where the executor's reader reads them: consecutive results of
+/// one read for the same `UnaryFinish` at once (the worker has one for all its calls), so that
+/// it can book them under one lock.
 pub trait UnaryFinish: Send + Sync {
     /// Take every result in `results` (in the order read).
     fn finish(&self, results: &mut Vec<UnaryResult>);
@@ -492,9 +493,15 @@ impl Executors {
                 }));
             }
             let orphans: Vec<Waiter> = reader_waiters.lock().expect("waiters").drain().map(|(_, w)| w).collect();
+            let mut finishing = Finishing::default();
             for waiter in orphans {
-                waiter.finish(Err(RemoteError::new(RemoteErrorKind::ExecutorDied, format!("the executor running this task {reason}"))));
+                let error = RemoteError::new(RemoteErrorKind::ExecutorDied, format!("the executor running this task {reason}"));
+                match waiter {
+                    Waiter::Done(done) => finishing.push(done, Err(error)),
+                    waiter => waiter.finish(Err(error)),
+                }
             }
+            finishing.flush();
         });
         Ok(Running { tx, info_sent: Arc::default(), waiters, actor_waiters, alive })
     }

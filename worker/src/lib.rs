@@ -566,7 +566,9 @@ impl Worker {
         let route = match message {
             ToWorker::Submit { task, .. } | ToWorker::Resume { task, .. } => Some(task),
             ToWorker::OpenLane => return None,
-            // Cluster requests on a lane are answered on it, written directly.
+            // Cluster requests on a lane are answered on it, written directly: ahead of the
+            // session messages read before them in the same stretch (booked at its end). No
+            // order is promised between the two: the coordinator picks their lanes apart.
             ToWorker::ClusterRequest { id, op } => {
                 self.cluster_request(id, &op, sink.clone());
                 return None;

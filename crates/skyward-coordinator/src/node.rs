@@ -313,8 +313,6 @@ impl NodeShared {
                     }
                 }
                 NodeEvent::Lost { in_flight, silent_for } => {
-                    // What the node answered before it was lost is booked first.
-                    self.tm.completed_all(self.rank, done);
                     if let Some(actor) = self.node_actor.lock().expect("actor lock").as_ref() {
                         let _ = actor.cast(NodeMsg::Lost { in_flight, silent_for });
                     }

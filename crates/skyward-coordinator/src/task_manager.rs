@@ -211,6 +211,13 @@ impl TmState {
         self.free.set(rank, has_room);
     }
 
+    /// Whether `free` holds exactly the ready ranks with room (checked in debug builds, where
+    /// every test that runs tasks goes through it).
+    fn free_in_step(&self) -> bool {
+        let with_room = self.nodes.iter().filter(|(_, s)| s.busy < s.capacity).map(|(rank, _)| *rank);
+        with_room.collect::<std::collections::BTreeSet<u32>>() == self.free.free
+    }
+
     fn finish(&mut self, task: TaskId, result: Result<Vec<u8>, TaskError>) {
         if let Some(entry) = self.tasks.remove(&task) {
             if let Some(rank) = entry.running_on
@@ -247,7 +254,7 @@ impl TmState {
     }
 
     /// Dispatch queued tasks while slots are free: pinned tasks on their rank first, then the
-    /// shared queue in order. Each step is O(log nodes); nothing is copied.
+    /// shared queue in order. Each pick is O(log nodes); nothing is copied.
     fn drain(&mut self) {
         let ranks: Vec<u32> = self.pinned.keys().copied().collect();
         for rank in ranks {
@@ -270,6 +277,7 @@ impl TmState {
             self.queue.pop_front();
             self.dispatch(task, rank);
         }
+        debug_assert!(self.free_in_step(), "the ranks with room are out of step with the slots");
     }
 
     /// Fail every task pinned to `rank` (the rank will not come back).
@@ -507,7 +515,11 @@ impl TaskManagerRef {
     /// or a lane reader.
     fn apply(&self, event: impl FnOnce(&mut TmState)) {
         let _runtime = self.book.runtime.enter();
-        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| event(&mut self.book.lock())));
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut state = self.book.lock();
+            event(&mut state);
+            debug_assert!(state.free_in_step(), "the ranks with room are out of step with the slots");
+        }));
         if applied.is_err() {
             tracing::error!("the task manager's bookkeeping panicked; the pool fails");
             // The lock is poisoned: taking it closes the book.
