@@ -210,7 +210,9 @@ impl Caller {
             if let (ToExecutor::Call { name, args, .. }, Some(waiter)) = (message, waiter) {
                 return Err((name, args, waiter));
             }
-            unreachable!("the waiter was registered above and only a reply or cancel removes it");
+            // The executor ended meanwhile and its reader already failed every waiter, this one
+            // included (`ExecutorDied`, with the reason): the call has its answer. (This used to
+            // be an `unreachable!`, which would have panicked under the worker's core lock.)
         }
         Ok(Arc::new(CallControl { id, tx: self.tx, waiters: self.waiters }))
     }
