@@ -112,7 +112,7 @@ struct Worker {
     wake_timer: Notify,
     /// Where the executors' readers hand unary results (`finish_unary`); one for all calls, so
     /// that the results of one read are booked together.
-    unary_finish: Arc<UnaryFinisher>,
+    unary_finish: Arc<dyn executor::UnaryFinish>,
 }
 
 /// A message for the session, with the task whose replies go back on its stream.
@@ -189,7 +189,7 @@ impl Worker {
         let TaskSpec { kind: TaskKind::Function { name, args, .. }, info: spec_info, initial_credit, .. } = *spec else {
             unreachable!("matched a function above")
         };
-        let done = executor::UnaryDone { finish: Arc::clone(&self.unary_finish) as Arc<dyn executor::UnaryFinish>, token: task.0 };
+        let done = executor::UnaryDone { finish: Arc::clone(&self.unary_finish), token: task.0 };
         match self.executors.unary_now(binary, name, args, info, done) {
             Ok(control) => {
                 core.runners.insert(task, Runner { abort: None, credit: None, call: Some(control) });
