@@ -297,10 +297,11 @@ impl Worker {
         }
     }
 
-    fn handle_incoming(self: &Arc<Self>, message: ToWorker, route: Option<(TaskId, &Sink)>) {
+    /// One message from the control stream (its replies go where the session routes them).
+    fn handle_incoming(self: &Arc<Self>, message: ToWorker) {
         let now = self.now();
         let mut core = self.core();
-        Self::book_incoming(&mut core, message, route, now);
+        Self::book_incoming(&mut core, message, None, now);
         self.pump(&mut core);
     }
 
@@ -609,7 +610,7 @@ impl Worker {
                 let mut recv = FramedRecv::new(recv, max);
                 loop {
                     match recv.next::<ToWorker>("ToWorker").await {
-                        Ok(Some(message)) => worker.handle_incoming(message, None),
+                        Ok(Some(message)) => worker.handle_incoming(message),
                         Ok(None) => return "coordinator closed the control stream".to_string(),
                         Err(e) => return format!("control stream: {e}"),
                     }
