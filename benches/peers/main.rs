@@ -145,6 +145,14 @@ fn main() {
                 scenario["metrics"][format!("{metric}_no_busy_poll")] = values.clone();
             }
         }
+        eprintln!("skyward: the sync scenarios from a client on a current-thread runtime");
+        let current = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        for off in current.block_on(current_thread_client(sizes)) {
+            let scenario = with.iter_mut().find(|s| s["name"] == off["name"]).expect("scenario measured above");
+            for (metric, values) in off["metrics"].as_object().into_iter().flatten() {
+                scenario["metrics"][format!("{metric}_current_thread")] = values.clone();
+            }
+        }
         ours.extend(with);
     }
     if run("broadcast") {
@@ -174,16 +182,9 @@ fn main() {
     }
 }
 
-/// Sync and async tasks and actor calls on one pool of 2 Local workers, with busy polling on
-/// (the default: idle CPUs poll while calls are in flight) or off.
-async fn two_workers(sizes: Sizes, busy_poll: bool) -> Vec<Value> {
-    let options =
-        if busy_poll { skyward::Options::default() } else { skyward::Options { busy_poll_cpus: 0, ..skyward::Options::default() } };
-    let pool = Compute::new(Local::default()).nodes(2).worker(Worker { concurrency: 256 }).options(options).start().await.expect("pool");
-    // Executors start on first use.
-    pool.gather((0..1000).map(|_| noop())).await.expect("warm up");
-    let mut out = Vec::new();
-
+/// `sizes.reps` repetitions of `sizes.sync_samples` no-op calls, one at a time: p50 and p99 of
+/// each repetition, in microseconds.
+async fn sync_roundtrips(pool: &skyward::Pool, sizes: Sizes) -> (Vec<f64>, Vec<f64>) {
     let (mut p50, mut p99) = (Vec::new(), Vec::new());
     for _ in 0..sizes.reps {
         let mut samples = Vec::with_capacity(sizes.sync_samples);
@@ -195,17 +196,11 @@ async fn two_workers(sizes: Sizes, busy_poll: bool) -> Vec<Value> {
         p50.push(percentile_us(&mut samples, 0.5));
         p99.push(percentile_us(&mut samples, 0.99));
     }
-    out.push(scenario("sync_task_roundtrip", &[("p50_us", p50), ("p99_us", p99)], None));
+    (p50, p99)
+}
 
-    let mut rates = Vec::new();
-    for _ in 0..sizes.reps {
-        let t = Instant::now();
-        pool.gather((0..sizes.async_tasks).map(|_| noop())).await.expect("gather");
-        rates.push(sizes.async_tasks as f64 / t.elapsed().as_secs_f64());
-    }
-    out.push(scenario("async_task_throughput", &[("tasks_per_s", rates)], Some(format!("{} tasks per repetition", sizes.async_tasks))));
-
-    let echo = pool.spawn_actor_on::<Echo>(1, &()).await.expect("spawn actor");
+/// The same for calls to an actor (after 100 to warm up).
+async fn sync_actor_calls(echo: &skyward::ActorRef<Echo>, sizes: Sizes) -> (Vec<f64>, Vec<f64>) {
     for i in 0..100 {
         echo.call(&i).await.expect("warm up");
     }
@@ -220,6 +215,47 @@ async fn two_workers(sizes: Sizes, busy_poll: bool) -> Vec<Value> {
         p50.push(percentile_us(&mut samples, 0.5));
         p99.push(percentile_us(&mut samples, 0.99));
     }
+    (p50, p99)
+}
+
+/// The sync scenarios again from a client on a current-thread runtime (what
+/// `#[skyward::main(flavor = "current_thread")]` gives: the caller, QUIC and the lane readers on
+/// one thread, no hand-off between threads per call), default options.
+async fn current_thread_client(sizes: Sizes) -> Vec<Value> {
+    let pool = Compute::new(Local::default()).nodes(2).worker(Worker { concurrency: 256 }).start().await.expect("pool");
+    pool.gather((0..1000).map(|_| noop())).await.expect("warm up");
+    let (p50, p99) = sync_roundtrips(&pool, sizes).await;
+    let mut out = vec![scenario("sync_task_roundtrip", &[("p50_us", p50), ("p99_us", p99)], None)];
+    let echo = pool.spawn_actor_on::<Echo>(1, &()).await.expect("spawn actor");
+    let (p50, p99) = sync_actor_calls(&echo, sizes).await;
+    out.push(scenario("sync_actor_call", &[("p50_us", p50), ("p99_us", p99)], None));
+    pool.shutdown().await.expect("shutdown");
+    out
+}
+
+/// Sync and async tasks and actor calls on one pool of 2 Local workers, with busy polling on
+/// (the default: idle CPUs poll while calls are in flight) or off.
+async fn two_workers(sizes: Sizes, busy_poll: bool) -> Vec<Value> {
+    let options =
+        if busy_poll { skyward::Options::default() } else { skyward::Options { busy_poll_cpus: 0, ..skyward::Options::default() } };
+    let pool = Compute::new(Local::default()).nodes(2).worker(Worker { concurrency: 256 }).options(options).start().await.expect("pool");
+    // Executors start on first use.
+    pool.gather((0..1000).map(|_| noop())).await.expect("warm up");
+    let mut out = Vec::new();
+
+    let (p50, p99) = sync_roundtrips(&pool, sizes).await;
+    out.push(scenario("sync_task_roundtrip", &[("p50_us", p50), ("p99_us", p99)], None));
+
+    let mut rates = Vec::new();
+    for _ in 0..sizes.reps {
+        let t = Instant::now();
+        pool.gather((0..sizes.async_tasks).map(|_| noop())).await.expect("gather");
+        rates.push(sizes.async_tasks as f64 / t.elapsed().as_secs_f64());
+    }
+    out.push(scenario("async_task_throughput", &[("tasks_per_s", rates)], Some(format!("{} tasks per repetition", sizes.async_tasks))));
+
+    let echo = pool.spawn_actor_on::<Echo>(1, &()).await.expect("spawn actor");
+    let (p50, p99) = sync_actor_calls(&echo, sizes).await;
     out.push(scenario("sync_actor_call", &[("p50_us", p50), ("p99_us", p99)], Some("coordinator -> actor on rank 1".into())));
 
     let mut rates = Vec::new();
@@ -451,6 +487,8 @@ struct MetricSpec {
     target: Option<f64>,
     /// Target on the ratio to Ray (how many times better).
     ratio_target: Option<f64>,
+    /// Ray's metric the ratio compares with, where it is not `metric` (Ray measures one client).
+    peer_metric: Option<&'static str>,
 }
 
 impl MetricSpec {
@@ -462,7 +500,12 @@ impl MetricSpec {
         unit: &'static str,
         higher_is_better: bool,
     ) -> Self {
-        MetricSpec { scenario, metric, title, unit, higher_is_better, target: None, ratio_target: None }
+        MetricSpec { scenario, metric, title, unit, higher_is_better, target: None, ratio_target: None, peer_metric: None }
+    }
+
+    /// Compare with Ray's `peer_metric` instead of the metric of the same name.
+    const fn compared_with(self, peer_metric: &'static str) -> Self {
+        MetricSpec { peer_metric: Some(peer_metric), ..self }
     }
 }
 
@@ -470,21 +513,32 @@ const METRICS: &[MetricSpec] = &[
     MetricSpec {
         scenario: "sync_task_roundtrip",
         metric: "p50_us",
-        title: "sync no-op task round trip, p50",
+        title: "sync no-op task round trip, p50, multi-thread client",
         unit: "us",
         higher_is_better: false,
         target: Some(60.0),
         ratio_target: Some(15.0),
+        peer_metric: None,
     },
+    MetricSpec::untargeted("sync_task_roundtrip", "p99_us", "sync no-op task round trip, p99, multi-thread client", "us", false),
     MetricSpec {
         scenario: "sync_task_roundtrip",
-        metric: "p99_us",
-        title: "sync no-op task round trip, p99",
+        metric: "p50_us_current_thread",
+        title: "sync no-op task round trip, p50, current-thread client",
         unit: "us",
         higher_is_better: false,
-        target: None,
-        ratio_target: None,
+        target: Some(60.0),
+        ratio_target: Some(15.0),
+        peer_metric: Some("p50_us"),
     },
+    MetricSpec::untargeted(
+        "sync_task_roundtrip",
+        "p99_us_current_thread",
+        "sync no-op task round trip, p99, current-thread client",
+        "us",
+        false,
+    )
+    .compared_with("p99_us"),
     MetricSpec {
         scenario: "async_task_throughput",
         metric: "tasks_per_s",
@@ -493,34 +547,13 @@ const METRICS: &[MetricSpec] = &[
         higher_is_better: true,
         target: Some(200_000.0),
         ratio_target: Some(20.0),
+        peer_metric: None,
     },
-    MetricSpec {
-        scenario: "sync_actor_call",
-        metric: "p50_us",
-        title: "sync actor call, p50",
-        unit: "us",
-        higher_is_better: false,
-        target: None,
-        ratio_target: None,
-    },
-    MetricSpec {
-        scenario: "sync_actor_call",
-        metric: "p99_us",
-        title: "sync actor call, p99",
-        unit: "us",
-        higher_is_better: false,
-        target: None,
-        ratio_target: None,
-    },
-    MetricSpec {
-        scenario: "async_actor_calls",
-        metric: "calls_per_s",
-        title: "async actor calls, 1 actor",
-        unit: "calls/s",
-        higher_is_better: true,
-        target: None,
-        ratio_target: None,
-    },
+    MetricSpec::untargeted("sync_actor_call", "p50_us", "sync actor call, p50, multi-thread client", "us", false),
+    MetricSpec::untargeted("sync_actor_call", "p99_us", "sync actor call, p99, multi-thread client", "us", false),
+    MetricSpec::untargeted("sync_actor_call", "p50_us_current_thread", "sync actor call, p50, current-thread client", "us", false)
+        .compared_with("p50_us"),
+    MetricSpec::untargeted("async_actor_calls", "calls_per_s", "async actor calls, 1 actor", "calls/s", true),
     MetricSpec::untargeted("sync_task_roundtrip", "p50_us_no_busy_poll", "sync no-op task round trip, p50, busy polling off", "us", false),
     MetricSpec::untargeted("sync_task_roundtrip", "p99_us_no_busy_poll", "sync no-op task round trip, p99, busy polling off", "us", false),
     MetricSpec::untargeted("async_task_throughput", "tasks_per_s_no_busy_poll", "async no-op tasks, busy polling off", "tasks/s", true),
@@ -534,6 +567,7 @@ const METRICS: &[MetricSpec] = &[
         higher_is_better: true,
         target: Some(1.0),
         ratio_target: None,
+        peer_metric: None,
     },
     MetricSpec::untargeted(
         "broadcast_256mib_4_workers",
@@ -542,15 +576,13 @@ const METRICS: &[MetricSpec] = &[
         "GB/s",
         true,
     ),
-    MetricSpec {
-        scenario: "broadcast_256mib_4_workers",
-        metric: "gb_per_s_over_quic",
-        title: "broadcast 256 MiB to 4 workers, shared memory off (QUIC)",
-        unit: "GB/s",
-        higher_is_better: true,
-        target: None,
-        ratio_target: None,
-    },
+    MetricSpec::untargeted(
+        "broadcast_256mib_4_workers",
+        "gb_per_s_over_quic",
+        "broadcast 256 MiB to 4 workers, shared memory off (QUIC)",
+        "GB/s",
+        true,
+    ),
     MetricSpec {
         scenario: "pool_start_4_workers",
         metric: "ready_ms",
@@ -559,6 +591,7 @@ const METRICS: &[MetricSpec] = &[
         higher_is_better: false,
         target: Some(300.0),
         ratio_target: None,
+        peer_metric: None,
     },
     MetricSpec {
         scenario: "scale_1000_sim_nodes",
@@ -568,6 +601,7 @@ const METRICS: &[MetricSpec] = &[
         higher_is_better: false,
         target: Some(10.0),
         ratio_target: None,
+        peer_metric: None,
     },
     MetricSpec {
         scenario: "scale_1000_sim_nodes",
@@ -577,6 +611,7 @@ const METRICS: &[MetricSpec] = &[
         higher_is_better: false,
         target: Some(200.0),
         ratio_target: None,
+        peer_metric: None,
     },
     MetricSpec {
         scenario: "scale_1000_sim_nodes",
@@ -586,16 +621,9 @@ const METRICS: &[MetricSpec] = &[
         higher_is_better: false,
         target: Some(200.0),
         ratio_target: None,
+        peer_metric: None,
     },
-    MetricSpec {
-        scenario: "scale_1000_sim_nodes",
-        metric: "tasks_per_s",
-        title: "1,000 sim nodes: 100k tasks dispatched",
-        unit: "tasks/s",
-        higher_is_better: true,
-        target: None,
-        ratio_target: None,
-    },
+    MetricSpec::untargeted("scale_1000_sim_nodes", "tasks_per_s", "1,000 sim nodes: 100k tasks dispatched", "tasks/s", true),
 ];
 
 /// Median, min and max of a metric's repetitions.
@@ -631,7 +659,7 @@ fn report(ours: &[Value], ray: &Result<Value, String>, quick: bool) -> Value {
         .iter()
         .map(|m| {
             let sky = summary(ours, m.scenario, m.metric);
-            let peer = summary(theirs, m.scenario, m.metric);
+            let peer = summary(theirs, m.scenario, m.peer_metric.unwrap_or(m.metric));
             let ratio = match (sky, peer) {
                 (Some((s, ..)), Some((r, ..))) if s > 0.0 && r > 0.0 => Some(if m.higher_is_better { s / r } else { r / s }),
                 _ => None,

@@ -93,8 +93,31 @@ async fn count_to(n: u32) -> impl futures::Stream<Item = u32> + Send + 'static {
     futures::stream::iter(0..n)
 }
 
+/// The CPUs the calling process may run on, from `/proc/self/status` (`Cpus_allowed_list`, as
+/// `0-3,6`).
+fn cpus_allowed_here() -> anyhow::Result<Vec<usize>> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .ok_or_else(|| anyhow::anyhow!("no Cpus_allowed_list in /proc/self/status"))?;
+    let mut cpus = Vec::new();
+    for part in list.trim().split(',') {
+        let (first, last) = part.split_once('-').unwrap_or((part, part));
+        cpus.extend(first.parse::<usize>()?..=last.parse::<usize>()?);
+    }
+    Ok(cpus)
+}
+
+/// The CPUs the executor of the node that runs this may use.
+#[skyward::function]
+async fn executor_cpus() -> anyhow::Result<Vec<usize>> {
+    cpus_allowed_here()
+}
+
 pub(crate) fn trials() -> Vec<Trial> {
     vec![
+        Trial::test("dispatch::local_nodes_run_on_cpu_slices_of_their_own", || block_on(cpu_slices())),
         Trial::test("dispatch::every_api_on_three_nodes", || block_on(every_api_on_three_nodes(Mode::Cluster))),
         Trial::test("dispatch::every_api_on_three_nodes_standalone", || block_on(every_api_on_three_nodes(Mode::Standalone))),
         Trial::test("dispatch::commands_stream_output_and_fail_clearly", || block_on(commands())),
@@ -329,4 +352,32 @@ fn sleepers(arg: &str) -> usize {
             !zombie && cmdline == format!("sleep\0{arg}\0").as_bytes()
         })
         .count()
+}
+
+/// Each Local node (worker and executor) runs on its own slice of this process's CPUs; with
+/// `share_cpus(true)` every node may use all of them.
+async fn cpu_slices() -> anyhow::Result<()> {
+    let here = cpus_allowed_here()?;
+    let sliced = crate::support::pool(2, 1).await?;
+    let per_node = sliced.broadcast(executor_cpus()).await?;
+    sliced.shutdown().await?;
+    let shared =
+        skyward::Compute::new(skyward::Local::default().share_cpus(true)).nodes(2).options(crate::support::test_options()).start().await?;
+    let per_node_shared = shared.broadcast(executor_cpus()).await?;
+    shared.shutdown().await?;
+    for cpus in &per_node_shared {
+        anyhow::ensure!(*cpus == here, "share_cpus(true): a node runs on {cpus:?}, this process on {here:?}");
+    }
+    if here.len() < 2 {
+        // One CPU: nothing to slice, and Local pins nothing.
+        anyhow::ensure!(per_node.iter().all(|c| *c == here), "one CPU, yet nodes run on {per_node:?}");
+        return Ok(());
+    }
+    let (a, b) = (&per_node[0], &per_node[1]);
+    anyhow::ensure!(!a.is_empty() && !b.is_empty(), "a node without CPUs: {per_node:?}");
+    anyhow::ensure!(a.iter().all(|c| !b.contains(c)), "nodes share CPUs: {per_node:?}");
+    let mut union: Vec<usize> = a.iter().chain(b).copied().collect();
+    union.sort_unstable();
+    anyhow::ensure!(union == here, "slices {per_node:?} do not cover this process's CPUs {here:?}");
+    Ok(())
 }

@@ -189,7 +189,8 @@ impl PoolState {
             max_frame: shared.options.max_frame,
             standalone_socket,
         };
-        let request = ProvisionRequest { node_id: node_id.clone(), rank, worker_config: Secret::new(config.to_toml()) };
+        let request =
+            ProvisionRequest { node_id: node_id.clone(), rank, node_count: self.desired, worker_config: Secret::new(config.to_toml()) };
         self.nodes.insert(rank, NodeRecord { node_id, actor, instance_id: None, facts: None, replacements });
         if let Some(p) = &self.provisioner {
             p.cast(ProvisionerMsg::Provision { rank, request })?;

@@ -80,7 +80,10 @@ pub fn function(attr: TokenStream, item: TokenStream) -> TokenStream {
     function::expand(attr.into(), item.into()).into()
 }
 
-/// Initialise Skyward and run an `async fn main` on a multi-threaded tokio runtime.
+/// Initialise Skyward and run an `async fn main` on a multi-threaded tokio runtime, or on a
+/// current-thread one with `#[skyward::main(flavor = "current_thread")]` (the lowest latency for a
+/// program that makes one call at a time; a program that keeps many calls in flight wants the
+/// default).
 #[proc_macro_attribute]
 pub fn main(attr: TokenStream, item: TokenStream) -> TokenStream {
     main_fn::expand(attr.into(), item.into()).into()

@@ -15,12 +15,15 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
             return out;
         }
     };
-    if !attr.is_empty() {
-        let mut out = syn::Error::new(attr.span(), "#[skyward::main] takes no arguments").into_compile_error();
-        out.extend(func.into_token_stream());
-        return out;
-    }
-    match expand_main(func.clone()) {
+    let flavor = match parse_flavor(attr) {
+        Ok(f) => f,
+        Err(e) => {
+            let mut out = e.into_compile_error();
+            out.extend(func.into_token_stream());
+            return out;
+        }
+    };
+    match expand_main_with(func.clone(), flavor) {
         Ok(f) => f.into_token_stream(),
         Err(e) => {
             let mut out = e.into_compile_error();
@@ -30,8 +33,49 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
     }
 }
 
-pub(crate) fn expand_main(mut func: ItemFn) -> syn::Result<ItemFn> {
+/// The tokio runtime `#[skyward::main]` runs an `async fn main` on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flavor {
+    /// `flavor = "multi_thread"` (the default): a worker thread per CPU.
+    MultiThread,
+    /// `flavor = "current_thread"`: everything on the main thread; the lowest latency for a
+    /// program that makes one call at a time (docs/benchmarks.md).
+    CurrentThread,
+}
+
+/// Nothing (`None`), `flavor = "multi_thread"` or `flavor = "current_thread"`, as
+/// `#[tokio::main]` spells it.
+pub(crate) fn parse_flavor(attr: TokenStream) -> syn::Result<Option<Flavor>> {
+    if attr.is_empty() {
+        return Ok(None);
+    }
+    let span = attr.span();
+    let arg: syn::MetaNameValue =
+        syn::parse2(attr).map_err(|_| syn::Error::new(span, "#[skyward::main] takes no arguments or `flavor = \"current_thread\"`"))?;
+    if !arg.path.is_ident("flavor") {
+        return Err(syn::Error::new(arg.path.span(), "#[skyward::main] knows one argument: `flavor`"));
+    }
+    match &arg.value {
+        syn::Expr::Lit(syn::ExprLit { lit: syn::Lit::Str(s), .. }) => match s.value().as_str() {
+            "multi_thread" => Ok(Some(Flavor::MultiThread)),
+            "current_thread" => Ok(Some(Flavor::CurrentThread)),
+            other => Err(syn::Error::new(s.span(), format!("unknown flavor `{other}`: use \"multi_thread\" or \"current_thread\""))),
+        },
+        other => Err(syn::Error::new(other.span(), "`flavor` takes a string: \"multi_thread\" or \"current_thread\"")),
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn expand_main(func: ItemFn) -> syn::Result<ItemFn> {
+    expand_main_with(func, None)
+}
+
+/// `flavor`: the one the attribute named, if any (a plain `fn main` takes none: it has no runtime).
+pub(crate) fn expand_main_with(mut func: ItemFn, flavor: Option<Flavor>) -> syn::Result<ItemFn> {
     if func.sig.asyncness.is_none() {
+        if flavor.is_some() {
+            return Err(syn::Error::new(func.sig.fn_token.span(), "`flavor` is for an `async fn main`; this `main` runs no runtime"));
+        }
         func.block.stmts.insert(0, parse_quote!(::skyward::init();));
         return Ok(func);
     }
@@ -47,10 +91,16 @@ pub(crate) fn expand_main(mut func: ItemFn) -> syn::Result<ItemFn> {
     }
     func.sig.asyncness = None;
     let body = &func.block;
-    let block: Block = parse_quote!({
-        ::skyward::init();
-        ::skyward::__private::tokio_main(async move #body)
-    });
+    let block: Block = match flavor.unwrap_or(Flavor::MultiThread) {
+        Flavor::MultiThread => parse_quote!({
+            ::skyward::init();
+            ::skyward::__private::tokio_main(async move #body)
+        }),
+        Flavor::CurrentThread => parse_quote!({
+            ::skyward::init();
+            ::skyward::__private::tokio_main_current_thread(async move #body)
+        }),
+    };
     func.block = Box::new(block);
     Ok(func)
 }
@@ -88,6 +138,56 @@ mod tests {
     }
 
     #[test]
+    fn current_thread_flavor_picks_the_current_thread_runtime() {
+        let flavor = parse_flavor(quote!(flavor = "current_thread")).expect("valid");
+        assert_eq!(flavor, Some(Flavor::CurrentThread));
+        assert_eq!(parse_flavor(quote!(flavor = "multi_thread")).expect("valid"), Some(Flavor::MultiThread));
+        assert_eq!(parse_flavor(quote!()).expect("valid"), None);
+        let out = match expand_main_with(
+            parse_quote!(
+                async fn main() {
+                    run().await;
+                }
+            ),
+            flavor,
+        ) {
+            Ok(f) => f.into_token_stream().to_string(),
+            Err(e) => panic!("valid: {e}"),
+        };
+        let want = quote!(
+            fn main() {
+                ::skyward::init();
+                ::skyward::__private::tokio_main_current_thread(async move {
+                    run().await;
+                })
+            }
+        );
+        assert_eq!(out, want.to_string());
+    }
+
+    #[test]
+    fn unknown_flavors_and_arguments_are_refused() {
+        for attr in [quote!(flavor = "x"), quote!(flavor = 1), quote!(threads = "2"), quote!(current_thread)] {
+            let out = expand(
+                attr.clone(),
+                quote!(
+                    async fn main() {}
+                ),
+            )
+            .to_string();
+            assert!(out.contains("compile_error"), "{attr}: {out}");
+        }
+        let sync_main = expand(
+            quote!(flavor = "current_thread"),
+            quote!(
+                fn main() {}
+            ),
+        )
+        .to_string();
+        assert!(sync_main.contains("compile_error"), "{sync_main}");
+    }
+
+    #[test]
     fn sync_main_gets_init_first() {
         let out = expanded(parse_quote!(
             fn main() {
@@ -120,13 +220,5 @@ mod tests {
             ))
             .is_err()
         );
-        let out = expand(
-            quote!(flavor = "x"),
-            quote!(
-                async fn main() {}
-            ),
-        )
-        .to_string();
-        assert!(out.contains("compile_error"), "{out}");
     }
 }

@@ -120,6 +120,8 @@ pub struct ProvisionRequest {
     pub node_id: String,
     /// Rank the node will get.
     pub rank: u32,
+    /// How many nodes the pool wants in all (ranks `0..node_count`) when this one is asked for.
+    pub node_count: u32,
     /// The worker's configuration file (TOML); holds the worker's private key.
     pub worker_config: Secret<String>,
 }

@@ -26,10 +26,19 @@ pub enum WorkerLaunch {
 }
 
 /// Worker processes on this machine.
+///
+/// Each node gets its own slice of the CPUs this process may use, as separate machines would
+/// have: with `n` nodes on `c` CPUs, node `r` runs on CPUs `r*c/n .. (r+1)*c/n` when `n < c`,
+/// on CPU `r mod c` otherwise (see [`cpu_slice`]). The node's worker and its executor inherit the
+/// slice, so a call to a node wakes processes on the same CPU instead of crossing to another one
+/// (on a virtual machine each crossing wakes a virtual CPU through the hypervisor:
+/// docs/benchmarks.md), and a busy node cannot starve the others. A pool of one node, or a
+/// machine with one CPU, is not pinned. [`Local::share_cpus`] turns slicing off.
 #[derive(Debug, Clone, Default)]
 pub struct Local {
     worker_binary: Option<PathBuf>,
     upload_binaries: bool,
+    share_cpus: bool,
     children: Arc<Mutex<HashMap<String, LocalChild>>>,
 }
 
@@ -59,6 +68,12 @@ impl Local {
     /// connection as it would to a remote machine (instead of being staged on the shared disk).
     pub fn upload_binaries(mut self, upload: bool) -> Self {
         self.upload_binaries = upload;
+        self
+    }
+
+    /// Let every node use every CPU this process may use, instead of a slice of its own.
+    pub fn share_cpus(mut self, share: bool) -> Self {
+        self.share_cpus = share;
         self
     }
 
@@ -101,6 +116,53 @@ impl Local {
             .filter(|(_, c)| c.pool_id == pool_id)
             .map(|(id, c)| (id.clone(), c.pid))
             .collect()
+    }
+}
+
+/// The CPUs of node `rank` in a pool of `node_count` nodes, taken from `allowed` (the CPUs this
+/// process may use, ascending): `None` where the node keeps all of them (one node, or at most
+/// one CPU). With fewer nodes than CPUs the slices are disjoint, contiguous and cover every CPU;
+/// with more, nodes share CPUs round-robin, one CPU each.
+pub fn cpu_slice(allowed: &[usize], rank: u32, node_count: u32) -> Option<Vec<usize>> {
+    let (c, n, r) = (allowed.len(), node_count.max(1) as usize, rank as usize);
+    if n <= 1 || c <= 1 {
+        return None;
+    }
+    if n >= c {
+        return Some(vec![allowed[r % c]]);
+    }
+    let r = r % n;
+    Some(allowed[r * c / n..(r + 1) * c / n].to_vec())
+}
+
+/// The CPUs this process may use, ascending (empty if the kernel will not say).
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: `set` is a plain bitmask the kernel fills; its size is passed along.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+        return Vec::new();
+    }
+    // SAFETY: CPU_ISSET reads the mask filled above, with an index below CPU_SETSIZE.
+    (0..libc::CPU_SETSIZE as usize).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect()
+}
+
+/// Start the child on `cpus` only (its threads and the executors it starts inherit the mask).
+fn pin_child(command: &mut std::process::Command, cpus: &[usize]) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes bits below CPU_SETSIZE.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: the hook runs between fork and exec; it makes one system call on a value built
+    // before the fork (no allocation, no lock), which is async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
@@ -220,6 +282,11 @@ impl Provider for Local {
             // tears workers down in order, instead of killing them all mid-task.
             use std::os::unix::process::CommandExt;
             command.process_group(0);
+            if !self.share_cpus
+                && let Some(cpus) = cpu_slice(&allowed_cpus(), request.rank, request.node_count)
+            {
+                pin_child(&mut command, &cpus);
+            }
             let child = command.spawn().map_err(|e| failed("provision", format!("cannot start worker: {e}")))?;
             let pid = child.id();
             // The child is reaped by `terminate`; std's Child has no Drop that kills or waits.
@@ -383,5 +450,39 @@ impl Provider for Local {
             }
             self.children.lock().expect("local children").remove(&id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_slice;
+
+    #[test]
+    fn one_node_or_one_cpu_is_not_pinned() {
+        assert_eq!(cpu_slice(&[0, 1, 2, 3], 0, 1), None);
+        assert_eq!(cpu_slice(&[5], 3, 4), None);
+        assert_eq!(cpu_slice(&[], 0, 2), None);
+    }
+
+    #[test]
+    fn fewer_nodes_than_cpus_get_disjoint_slices_that_cover_every_cpu() {
+        let allowed = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
+        let slices: Vec<Vec<usize>> = (0..3).map(|r| cpu_slice(&allowed, r, 3).expect("pinned")).collect();
+        assert_eq!(slices, vec![vec![0, 1, 2], vec![3, 4, 5], vec![6, 7, 8, 9]]);
+        // The CPUs this process may use, not 0..c: a process confined to 4-7 slices those.
+        assert_eq!(cpu_slice(&[4, 5, 6, 7], 1, 2), Some(vec![6, 7]));
+    }
+
+    #[test]
+    fn more_nodes_than_cpus_share_them_round_robin() {
+        let slices: Vec<Vec<usize>> = (0..5).map(|r| cpu_slice(&[2, 3], r, 5).expect("pinned")).collect();
+        assert_eq!(slices, vec![vec![2], vec![3], vec![2], vec![3], vec![2]]);
+        assert_eq!(cpu_slice(&[0, 1], 1, 2), Some(vec![1]));
+    }
+
+    #[test]
+    fn a_rank_past_the_count_still_gets_a_slice() {
+        // A pool that shrank while a replacement was asked for: never an empty or out-of-range slice.
+        assert_eq!(cpu_slice(&[0, 1, 2, 3], 5, 2), Some(vec![2, 3]));
     }
 }

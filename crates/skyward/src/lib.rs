@@ -87,4 +87,9 @@ pub mod __private {
     pub fn tokio_main<F: std::future::Future>(future: F) -> F::Output {
         tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("cannot start the tokio runtime").block_on(future)
     }
+
+    /// Build a current-thread runtime and run `future` on it (`#[skyward::main(flavor = "current_thread")]`).
+    pub fn tokio_main_current_thread<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("cannot start the tokio runtime").block_on(future)
+    }
 }
