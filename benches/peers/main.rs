@@ -553,6 +553,8 @@ const METRICS: &[MetricSpec] = &[
     MetricSpec::untargeted("sync_actor_call", "p99_us", "sync actor call, p99, multi-thread client", "us", false),
     MetricSpec::untargeted("sync_actor_call", "p50_us_current_thread", "sync actor call, p50, current-thread client", "us", false)
         .compared_with("p50_us"),
+    MetricSpec::untargeted("sync_actor_call", "p99_us_current_thread", "sync actor call, p99, current-thread client", "us", false)
+        .compared_with("p99_us"),
     MetricSpec::untargeted("async_actor_calls", "calls_per_s", "async actor calls, 1 actor", "calls/s", true),
     MetricSpec::untargeted("sync_task_roundtrip", "p50_us_no_busy_poll", "sync no-op task round trip, p50, busy polling off", "us", false),
     MetricSpec::untargeted("sync_task_roundtrip", "p99_us_no_busy_poll", "sync no-op task round trip, p99, busy polling off", "us", false),

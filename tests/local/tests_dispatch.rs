@@ -118,6 +118,12 @@ async fn executor_cpus() -> anyhow::Result<Vec<usize>> {
 pub(crate) fn trials() -> Vec<Trial> {
     vec![
         Trial::test("dispatch::local_nodes_run_on_cpu_slices_of_their_own", || block_on(cpu_slices())),
+        Trial::test("dispatch::a_pool_on_a_current_thread_runtime", || {
+            // What `#[skyward::main(flavor = "current_thread")]` gives: the caller, QUIC and the
+            // lane readers all on this one thread.
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(on_one_thread()).map_err(|e| format!("{e:#}").into())
+        }),
         Trial::test("dispatch::every_api_on_three_nodes", || block_on(every_api_on_three_nodes(Mode::Cluster))),
         Trial::test("dispatch::every_api_on_three_nodes_standalone", || block_on(every_api_on_three_nodes(Mode::Standalone))),
         Trial::test("dispatch::commands_stream_output_and_fail_clearly", || block_on(commands())),
@@ -373,11 +379,27 @@ async fn cpu_slices() -> anyhow::Result<()> {
         anyhow::ensure!(per_node.iter().all(|c| *c == here), "one CPU, yet nodes run on {per_node:?}");
         return Ok(());
     }
-    let (a, b) = (&per_node[0], &per_node[1]);
+    let [a, b] = per_node.as_slice() else { anyhow::bail!("2 nodes, {} answers: {per_node:?}", per_node.len()) };
     anyhow::ensure!(!a.is_empty() && !b.is_empty(), "a node without CPUs: {per_node:?}");
     anyhow::ensure!(a.iter().all(|c| !b.contains(c)), "nodes share CPUs: {per_node:?}");
     let mut union: Vec<usize> = a.iter().chain(b).copied().collect();
     union.sort_unstable();
     anyhow::ensure!(union == here, "slices {per_node:?} do not cover this process's CPUs {here:?}");
     Ok(())
+}
+
+/// Start, one call at a time, a gather, a broadcast and a shutdown with every task of the pool on
+/// one thread.
+async fn on_one_thread() -> anyhow::Result<()> {
+    let pool = crate::support::pool(2, 4).await?;
+    let pool_id = pool.pool_id().to_string();
+    for i in 0..50 {
+        anyhow::ensure!(pool.run(add(i, 1)).await? == i + 1, "run {i}");
+    }
+    let sums = pool.gather((0..200).map(|i| add(i, i))).await?;
+    anyhow::ensure!(sums == (0..200).map(|i| 2 * i).collect::<Vec<_>>(), "gather out of order: {sums:?}");
+    let ranks = pool.broadcast(rank_and_count()).await?;
+    anyhow::ensure!(ranks.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>() == [(0, 2), (1, 2)], "broadcast: {ranks:?}");
+    pool.shutdown().await?;
+    assert_no_workers(&pool_id)
 }

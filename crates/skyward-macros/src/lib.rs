@@ -83,7 +83,9 @@ pub fn function(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// Initialise Skyward and run an `async fn main` on a multi-threaded tokio runtime, or on a
 /// current-thread one with `#[skyward::main(flavor = "current_thread")]` (the lowest latency for a
 /// program that makes one call at a time; a program that keeps many calls in flight wants the
-/// default).
+/// default). On the current-thread runtime the pool's connections run on `main`'s thread too:
+/// blocking code there stalls them (heartbeats stop, and nodes count as lost after
+/// `Options::lost_after`), so run blocking work with `tokio::task::spawn_blocking`.
 #[proc_macro_attribute]
 pub fn main(attr: TokenStream, item: TokenStream) -> TokenStream {
     main_fn::expand(attr.into(), item.into()).into()

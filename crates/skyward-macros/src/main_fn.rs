@@ -44,25 +44,32 @@ pub(crate) enum Flavor {
 }
 
 /// Nothing (`None`), `flavor = "multi_thread"` or `flavor = "current_thread"`, as
-/// `#[tokio::main]` spells it.
+/// `#[tokio::main]` spells it (a trailing comma allowed).
 pub(crate) fn parse_flavor(attr: TokenStream) -> syn::Result<Option<Flavor>> {
-    if attr.is_empty() {
-        return Ok(None);
-    }
+    use syn::parse::Parser;
+    const USE: &str = "use `flavor = \"multi_thread\"` (the default) or `flavor = \"current_thread\"`";
     let span = attr.span();
-    let arg: syn::MetaNameValue =
-        syn::parse2(attr).map_err(|_| syn::Error::new(span, "#[skyward::main] takes no arguments or `flavor = \"current_thread\"`"))?;
-    if !arg.path.is_ident("flavor") {
-        return Err(syn::Error::new(arg.path.span(), "#[skyward::main] knows one argument: `flavor`"));
+    let args = syn::punctuated::Punctuated::<syn::MetaNameValue, syn::Token![,]>::parse_terminated
+        .parse2(attr)
+        .map_err(|_| syn::Error::new(span, format!("#[skyward::main] takes no arguments, or one: {USE}")))?;
+    let mut flavor = None;
+    for arg in &args {
+        if !arg.path.is_ident("flavor") {
+            return Err(syn::Error::new(arg.path.span(), format!("#[skyward::main] knows one argument, `flavor`: {USE}")));
+        }
+        if flavor.is_some() {
+            return Err(syn::Error::new(arg.path.span(), "`flavor` given twice"));
+        }
+        flavor = Some(match &arg.value {
+            syn::Expr::Lit(syn::ExprLit { lit: syn::Lit::Str(s), .. }) => match s.value().as_str() {
+                "multi_thread" => Flavor::MultiThread,
+                "current_thread" => Flavor::CurrentThread,
+                other => return Err(syn::Error::new(s.span(), format!("unknown flavor `{other}`: {USE}"))),
+            },
+            other => return Err(syn::Error::new(other.span(), format!("`flavor` takes a string: {USE}"))),
+        });
     }
-    match &arg.value {
-        syn::Expr::Lit(syn::ExprLit { lit: syn::Lit::Str(s), .. }) => match s.value().as_str() {
-            "multi_thread" => Ok(Some(Flavor::MultiThread)),
-            "current_thread" => Ok(Some(Flavor::CurrentThread)),
-            other => Err(syn::Error::new(s.span(), format!("unknown flavor `{other}`: use \"multi_thread\" or \"current_thread\""))),
-        },
-        other => Err(syn::Error::new(other.span(), "`flavor` takes a string: \"multi_thread\" or \"current_thread\"")),
-    }
+    Ok(flavor)
 }
 
 #[cfg(test)]
@@ -143,6 +150,7 @@ mod tests {
         assert_eq!(flavor, Some(Flavor::CurrentThread));
         assert_eq!(parse_flavor(quote!(flavor = "multi_thread")).expect("valid"), Some(Flavor::MultiThread));
         assert_eq!(parse_flavor(quote!()).expect("valid"), None);
+        assert_eq!(parse_flavor(quote!(flavor = "current_thread",)).expect("trailing comma"), Some(Flavor::CurrentThread));
         let out = match expand_main_with(
             parse_quote!(
                 async fn main() {
@@ -167,7 +175,13 @@ mod tests {
 
     #[test]
     fn unknown_flavors_and_arguments_are_refused() {
-        for attr in [quote!(flavor = "x"), quote!(flavor = 1), quote!(threads = "2"), quote!(current_thread)] {
+        for attr in [
+            quote!(flavor = "x"),
+            quote!(flavor = 1),
+            quote!(threads = "2"),
+            quote!(current_thread),
+            quote!(flavor = "current_thread", flavor = "multi_thread"),
+        ] {
             let out = expand(
                 attr.clone(),
                 quote!(

@@ -27,13 +27,16 @@ pub enum WorkerLaunch {
 
 /// Worker processes on this machine.
 ///
-/// Each node gets its own slice of the CPUs this process may use, as separate machines would
-/// have: with `n` nodes on `c` CPUs, node `r` runs on CPUs `r*c/n .. (r+1)*c/n` when `n < c`,
-/// on CPU `r mod c` otherwise (see [`cpu_slice`]). The node's worker and its executor inherit the
-/// slice, so a call to a node wakes processes on the same CPU instead of crossing to another one
-/// (on a virtual machine each crossing wakes a virtual CPU through the hypervisor:
-/// docs/benchmarks.md), and a busy node cannot starve the others. A pool of one node, or a
-/// machine with one CPU, is not pinned. [`Local::share_cpus`] turns slicing off.
+/// On Linux each node gets its own slice of the CPUs this process may use, as separate machines
+/// would have: with `n` nodes on `c` CPUs, node `r` runs on CPUs `r*c/n .. (r+1)*c/n` when
+/// `n < c`, on CPU `r mod c` otherwise (see [`cpu_slice`]; the hardware threads of one core are
+/// kept in one slice). The node's worker and its executor inherit the slice, so a call to a node
+/// wakes processes on the same CPU instead of crossing to another one (on a virtual machine each
+/// crossing wakes a virtual CPU through the hypervisor: docs/benchmarks.md), and while there are
+/// at least as many CPUs as nodes a busy node cannot starve the others. Slices are per pool (two
+/// pools on one machine overlap), and the Local offer still describes the whole machine. A pool
+/// of one node, or a machine with one CPU, is not pinned; pinning is best effort (a node whose
+/// mask cannot be set runs unpinned). [`Local::share_cpus`] turns slicing off.
 #[derive(Debug, Clone, Default)]
 pub struct Local {
     worker_binary: Option<PathBuf>,
@@ -120,8 +123,8 @@ impl Local {
 }
 
 /// The CPUs of node `rank` in a pool of `node_count` nodes, taken from `allowed` (the CPUs this
-/// process may use, ascending): `None` where the node keeps all of them (one node, or at most
-/// one CPU). With fewer nodes than CPUs the slices are disjoint, contiguous and cover every CPU;
+/// process may use, in the order slices should follow): `None` where the node keeps all of them
+/// (one node, or at most one CPU). With fewer nodes than CPUs the slices are disjoint, contiguous and cover every CPU;
 /// with more, nodes share CPUs round-robin, one CPU each.
 pub fn cpu_slice(allowed: &[usize], rank: u32, node_count: u32) -> Option<Vec<usize>> {
     let (c, n, r) = (allowed.len(), node_count.max(1) as usize, rank as usize);
@@ -135,21 +138,43 @@ pub fn cpu_slice(allowed: &[usize], rank: u32, node_count: u32) -> Option<Vec<us
     Some(allowed[r * c / n..(r + 1) * c / n].to_vec())
 }
 
-/// The CPUs this process may use, ascending (empty if the kernel will not say).
+/// The CPUs this (calling) thread may use, the hardware threads of one core next to each other
+/// (ordered by package, core and number from sysfs, by number alone where sysfs does not say),
+/// so that contiguous slices hold whole cores. Empty if the kernel will not say.
+#[cfg(target_os = "linux")]
 fn allowed_cpus() -> Vec<usize> {
     // SAFETY: `set` is a plain bitmask the kernel fills; its size is passed along.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+        tracing::debug!("sched_getaffinity failed: Local nodes run unpinned: {}", std::io::Error::last_os_error());
         return Vec::new();
     }
-    // SAFETY: CPU_ISSET reads the mask filled above, with an index below CPU_SETSIZE.
-    (0..libc::CPU_SETSIZE as usize).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect()
+    let bits = 8 * std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: CPU_ISSET reads the mask filled above, with an index inside it.
+    let mut cpus: Vec<usize> = (0..bits).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect();
+    let topology = |cpu: usize, what: &str| {
+        std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu{cpu}/topology/{what}"))
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    cpus.sort_by_cached_key(|&cpu| (topology(cpu, "physical_package_id"), topology(cpu, "core_id"), cpu));
+    cpus
+}
+
+#[cfg(not(target_os = "linux"))]
+fn allowed_cpus() -> Vec<usize> {
+    Vec::new()
 }
 
 /// Start the child on `cpus` only (its threads and the executors it starts inherit the mask).
+/// Best effort: where the mask cannot be set (the machine's CPU set changed since it was read),
+/// the worker starts unpinned.
+#[cfg(target_os = "linux")]
 fn pin_child(command: &mut std::process::Command, cpus: &[usize]) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes bits below CPU_SETSIZE.
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes bits inside it (the indices
+    // come from `allowed_cpus`, read from a mask of the same size).
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     for &cpu in cpus {
         unsafe { libc::CPU_SET(cpu, &mut set) };
@@ -158,13 +183,14 @@ fn pin_child(command: &mut std::process::Command, cpus: &[usize]) {
     // before the fork (no allocation, no lock), which is async-signal-safe.
     unsafe {
         command.pre_exec(move || {
-            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
             Ok(())
         });
     }
 }
+
+#[cfg(not(target_os = "linux"))]
+fn pin_child(_command: &mut std::process::Command, _cpus: &[usize]) {}
 
 fn failed(operation: &'static str, message: String) -> ProviderError {
     ProviderError::Failed { provider: NAME, operation, message }
@@ -482,7 +508,7 @@ mod tests {
 
     #[test]
     fn a_rank_past_the_count_still_gets_a_slice() {
-        // A pool that shrank while a replacement was asked for: never an empty or out-of-range slice.
+        // Defensive (a pool's node count does not change today): never an empty or out-of-range slice.
         assert_eq!(cpu_slice(&[0, 1, 2, 3], 5, 2), Some(vec![2, 3]));
     }
 }
