@@ -124,8 +124,8 @@ impl Local {
 
 /// The CPUs of node `rank` in a pool of `node_count` nodes, taken from `allowed` (the CPUs this
 /// process may use, in the order slices should follow): `None` where the node keeps all of them
-/// (one node, or at most one CPU). With fewer nodes than CPUs the slices are disjoint, contiguous and cover every CPU;
-/// with more, nodes share CPUs round-robin, one CPU each.
+/// (one node, or at most one CPU). With fewer nodes than CPUs the slices are disjoint,
+/// contiguous and cover every CPU; with more, nodes share CPUs round-robin, one CPU each.
 pub fn cpu_slice(allowed: &[usize], rank: u32, node_count: u32) -> Option<Vec<usize>> {
     let (c, n, r) = (allowed.len(), node_count.max(1) as usize, rank as usize);
     if n <= 1 || c <= 1 {
@@ -152,14 +152,30 @@ fn allowed_cpus() -> Vec<usize> {
     let bits = 8 * std::mem::size_of::<libc::cpu_set_t>();
     // SAFETY: CPU_ISSET reads the mask filled above, with an index inside it.
     let mut cpus: Vec<usize> = (0..bits).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect();
-    let topology = |cpu: usize, what: &str| {
-        std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu{cpu}/topology/{what}"))
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .unwrap_or(0)
-    };
-    cpus.sort_by_cached_key(|&cpu| (topology(cpu, "physical_package_id"), topology(cpu, "core_id"), cpu));
+    let cores = core_of_cpu();
+    cpus.sort_by_key(|&cpu| (cores.get(&cpu).copied().unwrap_or_default(), cpu));
     cpus
+}
+
+/// `(package, core)` of every CPU sysfs lists, read once per process (the machine's topology
+/// does not change; the mask above is read per node, as it may).
+#[cfg(target_os = "linux")]
+fn core_of_cpu() -> &'static HashMap<usize, (usize, usize)> {
+    static CORES: std::sync::OnceLock<HashMap<usize, (usize, usize)>> = std::sync::OnceLock::new();
+    CORES.get_or_init(|| {
+        let read = |cpu: usize, what: &str| {
+            std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu{cpu}/topology/{what}"))
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0)
+        };
+        let Ok(entries) = std::fs::read_dir("/sys/devices/system/cpu") else { return HashMap::new() };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix("cpu")?.parse::<usize>().ok())
+            .map(|cpu| (cpu, (read(cpu, "physical_package_id"), read(cpu, "core_id"))))
+            .collect()
+    })
 }
 
 #[cfg(not(target_os = "linux"))]
