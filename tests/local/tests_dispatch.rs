@@ -138,7 +138,10 @@ async fn every_api_on_three_nodes(mode: Mode) -> anyhow::Result<()> {
     // same for busy polling of idle CPUs while calls are in flight.
     let shared_memory = mode == Mode::Cluster;
     let busy_poll_cpus = if shared_memory { 2 } else { 0 };
-    let options = skyward::Options { shared_memory_args: shared_memory, busy_poll_cpus, ..mode.options() };
+    // Small tasks go on local lanes (Unix sockets) in cluster mode, on QUIC lanes (through the
+    // tunnel) in standalone mode.
+    let local_lanes = shared_memory;
+    let options = skyward::Options { shared_memory_args: shared_memory, busy_poll_cpus, local_lanes, ..mode.options() };
     let pool = crate::support::pool_with(3, 4, options).await?;
     let id = pool.pool_id().to_string();
     anyhow::ensure!(pool.node_count() == 3, "three nodes");
@@ -198,8 +201,12 @@ async fn every_api_on_three_nodes(mode: Mode) -> anyhow::Result<()> {
     anyhow::ensure!(sum == 3 && text == "j:3,4" && info.1 == 3);
 
     // gather: ordered results
+    let on_lanes = pool.stats().await?.local_lane_dispatches;
     let values = pool.gather((0..200).map(|i| add(i, i))).await?;
     anyhow::ensure!(values == (0..200).map(|i| 2 * i).collect::<Vec<_>>());
+    let on_lanes = pool.stats().await?.local_lane_dispatches - on_lanes;
+    let expected = if local_lanes { 200 } else { 0 };
+    anyhow::ensure!(on_lanes == expected, "{on_lanes} of 200 small calls went on local lanes, not {expected}");
 
     // gather as completed: the fast task first
     let calls = vec![slow_echo(300, 1), slow_echo(0, 2)];

@@ -1,9 +1,10 @@
-//! Bad input at the pool's front door: strangers, unknown node ids, garbage, wrong versions. Each
-//! connection is closed with a logged reason and the pool keeps serving its workers.
+//! Bad input at the pool's front door: strangers, unknown node ids, garbage, wrong versions, and
+//! strangers at the workers' local-lane sockets. Each connection is closed with a logged reason
+//! and the pool keeps serving its workers.
 
 use crate::support::{assert_no_workers, block_on, pool};
 use libtest_mimic::Trial;
-use skyward_proto::message::{Hello, ToCoordinator, WorkerFacts};
+use skyward_proto::message::{Hello, LaneToken, ToCoordinator, ToWorker, WorkerFacts};
 use std::time::Duration;
 
 #[skyward::function]
@@ -55,6 +56,21 @@ async fn knock(addr: std::net::SocketAddr, ca_pem: &str, cert: &skyward_net::Cer
     }
 }
 
+/// Connect to a worker's local-lane socket, send `bytes`, and tell whether the worker closed the
+/// connection (within 12 s) without sending anything.
+async fn lane_knock(socket: &std::path::Path, bytes: &[u8]) -> anyhow::Result<bool> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::UnixStream::connect(socket).await?;
+    stream.write_all(bytes).await?;
+    let mut got = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(12), stream.read_to_end(&mut got)).await {
+        Ok(Ok(_)) => Ok(got.is_empty()),
+        // Reset by the worker: closed too.
+        Ok(Err(_)) => Ok(got.is_empty()),
+        Err(_) => Ok(false),
+    }
+}
+
 fn hello(pool_id: &str, node_id: &str, version: u32) -> Vec<u8> {
     skyward_proto::codec::frame(&ToCoordinator::Hello(Hello {
         version,
@@ -90,6 +106,25 @@ async fn front_door() -> anyhow::Result<()> {
     let r = knock(addr, &ca_pem, &stolen, (u32::MAX).to_le_bytes().to_vec()).await?;
     anyhow::ensure!(r == Refusal::Closed(2), "oversize frame: {r:?}");
     // (A wrong protocol version is refused by the session: crates/skyward-proto/tests/sim.rs.)
+
+    // Strangers at the workers' local-lane sockets: a wrong secret, garbage, an oversize frame.
+    // Each is closed by the worker, and the coordinator's own lanes keep working.
+    let sockets: Vec<std::path::PathBuf> =
+        std::fs::read_dir(pool.__state_dir())?.flatten().map(|node| node.path().join("lanes.sock")).filter(|path| path.exists()).collect();
+    anyhow::ensure!(sockets.len() == 2, "local-lane sockets: {sockets:?}");
+    let wrong = skyward_proto::codec::frame(&ToWorker::OpenLocalLane { token: LaneToken([7; 16]) })?;
+    for socket in &sockets {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(socket)?.permissions().mode() & 0o777;
+        anyhow::ensure!(mode == 0o600, "{} has mode {mode:o}", socket.display());
+        for bytes in [wrong.clone(), vec![0xff; 64], u32::MAX.to_le_bytes().to_vec()] {
+            anyhow::ensure!(lane_knock(socket, &bytes).await?, "{}: a stranger's lane was not closed", socket.display());
+        }
+    }
+    let stats = pool.stats().await?;
+    anyhow::ensure!(pool.broadcast(ping(1)).await? == vec![2, 2]);
+    let on_lanes = pool.stats().await?.local_lane_dispatches - stats.local_lane_dispatches;
+    anyhow::ensure!(on_lanes == 2, "{on_lanes} of 2 calls went on local lanes after the strangers");
 
     // The pool still serves every node.
     anyhow::ensure!(pool.broadcast(ping(1)).await? == vec![2, 2]);

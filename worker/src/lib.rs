@@ -35,11 +35,12 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, mpsc};
 
 /// Where messages for the coordinator go: a writer task's channel (control and task streams) or
-/// a lane written directly.
+/// a lane written directly (a QUIC stream, or a local lane's Unix socket).
 #[derive(Clone)]
 enum Sink {
     Channel(mpsc::UnboundedSender<ToCoordinator>),
     Lane(skyward_net::LaneWriter),
+    Local(skyward_net::UnixFrameWriter),
 }
 
 impl Sink {
@@ -49,6 +50,9 @@ impl Sink {
                 let _ = tx.send(message);
             }
             Sink::Lane(lane) => {
+                let _ = lane.send(&message);
+            }
+            Sink::Local(lane) => {
                 let _ = lane.send(&message);
             }
         }
@@ -450,7 +454,8 @@ impl Worker {
             hasher.update(&head);
             file.write_all(&head).await.map_err(|e| e.to_string())?;
             let mut received: u64 = head.len() as u64;
-            while let Some(chunk) = recv.inner_mut().read_chunk(1 << 20, true).await.map_err(|e| e.to_string())? {
+            let stream = recv.quic_mut().ok_or("a binary upload comes on a QUIC stream")?;
+            while let Some(chunk) = stream.read_chunk(1 << 20, true).await.map_err(|e| e.to_string())? {
                 hasher.update(&chunk.bytes);
                 file.write_all(&chunk.bytes).await.map_err(|e| e.to_string())?;
                 received += chunk.bytes.len() as u64;
@@ -522,10 +527,43 @@ impl Worker {
             let (tx, rx) = mpsc::unbounded_channel::<ToCoordinator>();
             (Sink::Channel(tx), Some(tokio::spawn(write_loop(send, rx, true))))
         };
+        self.serve_frames(&mut recv, &sink, Some(first)).await;
+        // A task stream's writer finishes after its task's Done; a lane's writer ends with the
+        // last clone of its sink.
+        drop(writer);
+    }
+
+    /// Serve a local lane: a Unix connection to `lanes.sock` from the coordinator on this
+    /// machine (see `LocalLanes`). Its first frame must carry the token from this worker's facts;
+    /// anything else closes it. Then it is a lane like a QUIC one.
+    async fn serve_local_lane(self: Arc<Self>, stream: tokio::net::UnixStream, token: skyward_proto::message::LaneToken) {
+        let (read, write) = match skyward_net::unix::split(stream) {
+            Ok(halves) => halves,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register a local lane");
+                return;
+            }
+        };
+        // The first frame is read under a small limit and a deadline: a stranger gets no more.
+        let mut recv = FramedRecv::unix(read, 1024);
+        match tokio::time::timeout(Duration::from_secs(10), recv.next::<ToWorker>("ToWorker")).await {
+            Ok(Ok(Some(ToWorker::OpenLocalLane { token: offered }))) if offered.matches(&token) => {}
+            _ => {
+                tracing::warn!("refused a local lane: its first frame did not carry this worker's token");
+                return;
+            }
+        }
+        recv.set_max_frame(self.config.max_frame);
+        let sink = Sink::Local(skyward_net::UnixFrameWriter::new(write));
+        self.serve_frames(&mut recv, &sink, None).await;
+    }
+
+    /// The frames of a task stream or lane, `first` (already read) first, until its end.
+    async fn serve_frames(self: &Arc<Self>, recv: &mut FramedRecv, sink: &Sink, first: Option<ToWorker>) {
         // The membership as this stream's Submits built it (see skyward_proto::members).
         let mut members: Option<Members> = None;
-        let mut batch = StreamBatch { worker: &self, members: &mut members, sink: &sink, incoming: Vec::new() };
-        let mut next = Some(first);
+        let mut batch = StreamBatch { worker: self, members: &mut members, sink, incoming: Vec::new() };
+        let mut next = first;
         loop {
             let message = match next.take() {
                 Some(m) => m,
@@ -545,9 +583,6 @@ impl Worker {
                 break;
             }
         }
-        // A task stream's writer finishes after its task's Done; a lane's writer ends with the
-        // last clone of its sink.
-        drop(writer);
     }
 
     /// One frame from a task stream or lane (see `serve_task_stream`): what is left for the
@@ -566,7 +601,7 @@ impl Worker {
         }
         let route = match message {
             ToWorker::Submit { task, .. } | ToWorker::Resume { task, .. } => Some(task),
-            ToWorker::OpenLane => return None,
+            ToWorker::OpenLane | ToWorker::OpenLocalLane { .. } => return None,
             // Cluster requests on a lane are answered on it, written directly: ahead of the
             // session messages read before them in the same stretch (booked at its end). No
             // order is promised between the two: the coordinator picks their lanes apart.
@@ -747,7 +782,22 @@ pub fn facts(config: &WorkerConfig) -> WorkerFacts {
         accelerators: detect_accelerators(),
         worker_version: env!("CARGO_PKG_VERSION").to_string(),
         memory_probe: memory_probe(),
+        local_lanes: None,
     }
+}
+
+/// The local-lane socket (`<state dir>/lanes.sock`, see [`LocalLanes`]) and what the hello
+/// reports about it; `None` where this worker has no locality probe (no coordinator could prove
+/// it shares this machine) or the socket cannot be made.
+fn bind_local_lanes(config: &WorkerConfig) -> Option<(tokio::net::UnixListener, LocalLanes)> {
+    memory_probe()?;
+    let path = config.state_dir.join("lanes.sock");
+    let made = skyward_net::random_token().map_err(anyhow::Error::from).and_then(|token| {
+        let listener = bind_standalone_socket(&path)?;
+        let at = path.to_str().ok_or_else(|| anyhow::anyhow!("not UTF-8"))?.to_string();
+        Ok((listener, LocalLanes { path: at, token: LaneToken(token) }))
+    });
+    made.map_err(|e| tracing::debug!(socket = %path.display(), error = %e, "no local lanes; lanes use QUIC")).ok()
 }
 
 /// This process's locality probe (made once; kept open for the process's life), or `None` when
@@ -884,7 +934,9 @@ pub async fn run_with(config: WorkerConfig, inline: Option<InlineCalls>) -> anyh
     std::fs::create_dir_all(&config.cache_dir)?;
     std::fs::create_dir_all(&config.state_dir)?;
     let epoch = Instant::now();
-    let facts = facts(&config);
+    let local_lanes = bind_local_lanes(&config);
+    let mut facts = facts(&config);
+    facts.local_lanes = local_lanes.as_ref().map(|(_, lanes)| lanes.clone());
     let accelerators = facts.accelerators.clone();
     let session = WorkerSession::new(
         WorkerSessionConfig {
@@ -957,6 +1009,26 @@ pub async fn run_with(config: WorkerConfig, inline: Option<InlineCalls>) -> anyh
         cluster.set_actor_hook(actor_hook(Arc::downgrade(&worker)));
     }
     let timer = tokio::spawn(Arc::clone(&worker).timer_loop());
+    let lane_listener = local_lanes.map(|(listener, lanes)| {
+        let worker = Arc::downgrade(&worker);
+        tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => match worker.upgrade() {
+                        Some(worker) => {
+                            tokio::spawn(worker.serve_local_lane(stream, lanes.token));
+                        }
+                        None => return,
+                    },
+                    Err(e) => {
+                        // Persistent errors (EMFILE) must not spin.
+                        tracing::warn!(error = %e, "local lane socket accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        })
+    });
     let connector = {
         let worker = Arc::clone(&worker);
         let endpoint = endpoint.clone();
@@ -1000,6 +1072,9 @@ pub async fn run_with(config: WorkerConfig, inline: Option<InlineCalls>) -> anyh
         if let Some(reason) = exit {
             timer.abort();
             connector.abort();
+            if let Some(listener) = &lane_listener {
+                listener.abort();
+            }
             if let Some(cluster) = &worker.cluster {
                 cluster.close();
             }

@@ -298,6 +298,12 @@ impl Pool {
         (shared.server_addr, shared.ca.cert().cert_pem.clone(), cert)
     }
 
+    /// Tests only: the pool's state directory (each node's worker state lies under it).
+    #[doc(hidden)]
+    pub fn __state_dir(&self) -> &std::path::Path {
+        &self.inner.shared.ctx.state_dir
+    }
+
     fn cluster_transport(&self) -> Arc<dyn skyward_function::collections::Transport> {
         Arc::clone(&self.inner.transport)
     }

@@ -83,6 +83,12 @@ pub struct Options {
     /// (a sealed memfd written once, mapped by each executor) instead of the network. Used only
     /// with workers that prove they can open this process's memory objects.
     pub shared_memory_args: bool,
+    /// Carry small tasks to nodes on this machine (Local) over a Unix socket per lane instead of
+    /// QUIC: the worker listens on one in its state directory and tells the coordinator where,
+    /// with a secret each connection must present, over the authenticated QUIC session. Used
+    /// only with workers that prove they share this machine (the shared-memory probe); QUIC
+    /// still carries the handshake, heartbeats, large tasks and uploads.
+    pub local_lanes: bool,
     /// While calls to nodes on this machine (Local) are in flight, keep up to this many idle
     /// CPUs polling instead of halting: threads at the lowest priority (`SCHED_IDLE`, Linux)
     /// that spin for `busy_poll_window` after each send to or reply from a node. Waking a
@@ -113,6 +119,7 @@ impl Default for Options {
             stream_window: 64,
             max_in_flight: 16_384,
             shared_memory_args: true,
+            local_lanes: true,
             busy_poll_cpus: 4,
             busy_poll_window: Duration::from_millis(1),
         }

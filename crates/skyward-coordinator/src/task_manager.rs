@@ -113,6 +113,9 @@ pub struct TaskStats {
     pub ready_nodes: usize,
     /// Dispatches whose arguments went through shared memory (nodes on this machine).
     pub shared_memory_args: u64,
+    /// Dispatches written on a local lane (a Unix socket to a node on this machine,
+    /// `Options::local_lanes`) instead of a QUIC stream.
+    pub local_lane_dispatches: u64,
     /// Shared-memory argument objects held open now (one per argument buffer in flight; each
     /// is closed when its last task is done).
     pub shared_memory_objects: usize,
@@ -302,9 +305,9 @@ impl TmState {
         let (kind, credit, sinks) = (entry.request.kind.clone(), entry.request.initial_credit, entry.request.sinks.clone());
         self.free.set(rank, has_room);
         let members = &self.members;
-        if self.nodes[&rank].node.dispatch(task, kind, credit, sinks, members.epoch(), &|since| members.update_for(rank, since)) {
-            self.stats.shared_memory_args += 1;
-        }
+        let route = self.nodes[&rank].node.dispatch(task, kind, credit, sinks, members.epoch(), &|since| members.update_for(rank, since));
+        self.stats.shared_memory_args += u64::from(route.shared_memory);
+        self.stats.local_lane_dispatches += u64::from(route.local_lane);
     }
 
     /// The counters, with what is queued, running and held in shared memory now.

@@ -1,4 +1,4 @@
-//! Length-prefixed frames over quinn streams.
+//! Length-prefixed frames over quinn streams and local-lane Unix sockets.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -14,6 +14,9 @@ pub enum RecvError {
     /// The stream failed.
     #[error("stream read failed: {0}")]
     Read(#[from] quinn::ReadError),
+    /// The socket failed.
+    #[error("socket read failed: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// What a reader does with the messages of one [`FramedRecv::handle_batch`].
@@ -25,18 +28,52 @@ pub trait Batch<T> {
     fn flush(&mut self) {}
 }
 
-/// Reads whole frames from a QUIC receive stream.
+/// Reads whole frames from a QUIC receive stream or a local lane's Unix socket.
 #[derive(Debug)]
 pub struct FramedRecv {
-    recv: quinn::RecvStream,
+    source: Source,
     decoder: FrameDecoder,
     finished: bool,
+}
+
+/// What a [`FramedRecv`] reads from.
+#[derive(Debug)]
+enum Source {
+    Quic(quinn::RecvStream),
+    Unix { read: crate::unix::UnixRead, buf: Box<[u8]> },
+}
+
+impl Source {
+    /// Read what the stream has into `decoder`, waiting for at least one byte; `false` at its end.
+    async fn read_into(&mut self, decoder: &mut FrameDecoder) -> Result<bool, RecvError> {
+        match self {
+            Source::Quic(recv) => match recv.read_chunk(1024 * 1024, true).await? {
+                Some(chunk) => {
+                    decoder.push(&chunk.bytes);
+                    Ok(true)
+                }
+                None => Ok(false),
+            },
+            Source::Unix { read, buf } => {
+                use tokio::io::AsyncReadExt;
+                let n = read.read(buf).await?;
+                decoder.push(&buf[..n]);
+                Ok(n > 0)
+            }
+        }
+    }
 }
 
 impl FramedRecv {
     /// Wrap `recv`, refusing frames over `max_frame` bytes.
     pub fn new(recv: quinn::RecvStream, max_frame: usize) -> Self {
-        Self { recv, decoder: FrameDecoder::new(max_frame), finished: false }
+        Self { source: Source::Quic(recv), decoder: FrameDecoder::new(max_frame), finished: false }
+    }
+
+    /// Wrap the reading half of a Unix socket (a local lane), refusing frames over `max_frame`.
+    pub fn unix(read: crate::unix::UnixRead, max_frame: usize) -> Self {
+        let buf = vec![0u8; 64 * 1024].into_boxed_slice();
+        Self { source: Source::Unix { read, buf }, decoder: FrameDecoder::new(max_frame), finished: false }
     }
 
     /// Next message, or `None` once the peer finished the stream cleanly.
@@ -51,9 +88,8 @@ impl FramedRecv {
                 }
                 return Ok(None);
             }
-            match self.recv.read_chunk(1024 * 1024, true).await? {
-                Some(chunk) => self.decoder.push(&chunk.bytes),
-                None => self.finished = true,
+            if !self.source.read_into(&mut self.decoder).await? {
+                self.finished = true;
             }
         }
     }
@@ -104,11 +140,11 @@ impl FramedRecv {
             // A no-op waker is safe here: the caller's next `next().await` polls the stream
             // again and registers its own before it waits.
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            let read = std::pin::pin!(self.recv.read_chunk(1024 * 1024, true));
+            let read = std::pin::pin!(self.source.read_into(&mut self.decoder));
             match read.poll(&mut cx) {
-                std::task::Poll::Ready(Ok(Some(chunk))) => self.decoder.push(&chunk.bytes),
-                std::task::Poll::Ready(Ok(None)) => self.finished = true,
-                std::task::Poll::Ready(Err(e)) => return Err(e.into()),
+                std::task::Poll::Ready(Ok(true)) => {}
+                std::task::Poll::Ready(Ok(false)) => self.finished = true,
+                std::task::Poll::Ready(Err(e)) => return Err(e),
                 std::task::Poll::Pending => return Ok(None),
             }
         }
@@ -124,9 +160,12 @@ impl FramedRecv {
         self.decoder.take_remaining()
     }
 
-    /// The underlying stream.
-    pub fn inner_mut(&mut self) -> &mut quinn::RecvStream {
-        &mut self.recv
+    /// The underlying QUIC stream (`None` for a Unix socket).
+    pub fn quic_mut(&mut self) -> Option<&mut quinn::RecvStream> {
+        match &mut self.source {
+            Source::Quic(recv) => Some(recv),
+            Source::Unix { .. } => None,
+        }
     }
 }
 
@@ -157,4 +196,63 @@ pub enum WriteError {
     /// The stream failed.
     #[error("stream write failed: {0}")]
     Write(#[from] quinn::WriteError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    struct Collect(Vec<u32>);
+
+    impl Batch<u32> for Collect {
+        fn message(&mut self, message: u32) {
+            self.0.push(message);
+        }
+    }
+
+    fn unix_pair(max_frame: usize) -> (FramedRecv, crate::unix::UnixWrite) {
+        let (a, b) = tokio::net::UnixStream::pair().expect("pair");
+        let (read, _) = crate::unix::split(a).expect("split");
+        let (_, write) = crate::unix::split(b).expect("split");
+        (FramedRecv::unix(read, max_frame), write)
+    }
+
+    /// A local lane's reader: frames split across writes, a batch of what one read brought,
+    /// then the clean end.
+    #[tokio::test]
+    async fn frames_over_a_unix_socket_arrive_whole_in_order_and_end_cleanly() {
+        let (mut recv, mut write) = unix_pair(1024);
+        let mut bytes = Vec::new();
+        for n in 0..100u32 {
+            codec::encode_frame(&n, &mut bytes).expect("encode");
+        }
+        // Half a frame first: nothing to return until the rest comes.
+        write.write_all(&bytes[..3]).await.expect("write");
+        let rest = bytes[3..].to_vec();
+        let writer = tokio::spawn(async move {
+            write.write_all(&rest).await.expect("write");
+            // Dropping the writer ends the stream.
+        });
+        let mut got = Collect(Vec::new());
+        while let Some(first) = recv.next::<u32>("u32").await.expect("frame") {
+            recv.handle_batch("u32", first, &mut got).expect("batch");
+        }
+        writer.await.expect("writer");
+        assert_eq!(got.0, (0..100).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_unix_stream_that_ends_inside_a_frame_or_sends_an_oversize_one_is_an_error() {
+        let (mut recv, mut write) = unix_pair(1024);
+        let mut bytes = Vec::new();
+        codec::encode_frame(&7u32, &mut bytes).expect("encode");
+        write.write_all(&bytes[..bytes.len() - 1]).await.expect("write");
+        drop(write);
+        assert!(matches!(recv.next::<u32>("u32").await, Err(RecvError::Protocol(_))));
+
+        let (mut recv, mut write) = unix_pair(1024);
+        write.write_all(&4096u32.to_le_bytes()).await.expect("write");
+        assert!(matches!(recv.next::<u32>("u32").await, Err(RecvError::Protocol(_))), "over the limit");
+    }
 }

@@ -37,6 +37,25 @@ pub fn worker_server_name(node_id: &str) -> String {
 /// ALPN protocol id of Skyward's wire protocol.
 pub const ALPN: &[u8] = b"skyward/1";
 
+/// 16 random bytes from the kernel (`getrandom`): tokens that prove who made something.
+pub fn random_token() -> std::io::Result<[u8; 16]> {
+    let mut token = [0u8; 16];
+    let mut filled = 0;
+    while filled < token.len() {
+        // SAFETY: writes at most `token.len() - filled` bytes into `token` from `filled` on.
+        let n = unsafe { libc::getrandom(token[filled..].as_mut_ptr().cast(), token.len() - filled, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(token)
+}
+
 /// Install the process-wide rustls crypto provider (aws-lc-rs). Idempotent.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();

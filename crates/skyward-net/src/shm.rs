@@ -143,20 +143,7 @@ pub struct Probe {
 impl Probe {
     /// A new probe for this process.
     pub fn new() -> std::io::Result<Self> {
-        let mut token = [0u8; 16];
-        let mut filled = 0;
-        while filled < token.len() {
-            // SAFETY: writes at most `token.len() - filled` bytes into `token` from `filled` on.
-            let n = unsafe { libc::getrandom(token[filled..].as_mut_ptr().cast(), token.len() - filled, 0) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            filled += n as usize;
-        }
+        let token = crate::random_token()?;
         let object = Sealed::new("skyward-probe", &token)?;
         let probe = MemoryProbe { at: object.at(), token };
         Ok(Self { _object: object, probe })

@@ -64,7 +64,27 @@ pub fn split(stream: tokio::net::UnixStream) -> std::io::Result<(UnixRead, UnixW
     Ok((UnixRead { socket }, writer))
 }
 
+/// Ends a socket for both sides at once (see [`UnixWrite::closer`]).
+#[derive(Debug, Clone)]
+pub struct UnixCloser {
+    socket: Arc<AsyncFd<StdUnixStream>>,
+}
+
+impl UnixCloser {
+    /// Shut the socket down both ways: this process's reader reads its end, and so does the
+    /// other side's.
+    pub fn close(&self) {
+        let _ = self.socket.get_ref().shutdown(std::net::Shutdown::Both);
+    }
+}
+
 impl UnixWrite {
+    /// A handle that ends the socket both ways, for whoever owns the connection but not its
+    /// reader (a local lane's reader ends when its node's connection is replaced).
+    pub fn closer(&self) -> UnixCloser {
+        UnixCloser { socket: Arc::clone(&self.socket) }
+    }
+
     /// Stop listening for writable events (there is room again).
     fn room_again(&mut self) {
         if let Room::Waiting(_) = self.room

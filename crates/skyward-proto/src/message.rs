@@ -251,6 +251,37 @@ pub struct WorkerFacts {
     /// Where the worker can be handed arguments in shared memory, when it runs on the
     /// coordinator's machine (`None`: it cannot make a probe).
     pub memory_probe: Option<MemoryProbe>,
+    /// Where a coordinator on this machine can open lanes over a Unix socket instead of QUIC
+    /// (`None`: the worker listens for none).
+    pub local_lanes: Option<LocalLanes>,
+}
+
+/// A worker's Unix socket for lanes from a coordinator on the same machine, and the secret the
+/// first frame on each must carry (`ToWorker::OpenLocalLane`). Reported only inside the
+/// authenticated QUIC session, so only the coordinator learns the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalLanes {
+    /// Path of the socket (mode 0600, in a directory only the worker's user can enter).
+    pub path: String,
+    /// Random, per worker process.
+    pub token: LaneToken,
+}
+
+/// The secret of a worker's local-lane socket. Its `Debug` does not show it.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaneToken(pub [u8; 16]);
+
+impl LaneToken {
+    /// Whether `other` is this token, in time independent of where they differ.
+    pub fn matches(&self, other: &LaneToken) -> bool {
+        self.0.iter().zip(other.0.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
+impl std::fmt::Debug for LaneToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LaneToken(<secret>)")
+    }
 }
 
 /// Messages from the coordinator to a worker.
@@ -338,6 +369,12 @@ pub enum ToWorker {
         #[serde(with = "serde_bytes")]
         op: Vec<u8>,
     },
+    /// First frame of a lane over the worker's local-lane Unix socket ([`LocalLanes`]): the
+    /// secret from its facts. Anything else, or another secret, and the worker closes the socket.
+    OpenLocalLane {
+        /// [`LocalLanes::token`].
+        token: LaneToken,
+    },
 }
 
 /// Messages from a worker to the coordinator.
@@ -422,6 +459,7 @@ impl ToWorker {
             ToWorker::ClusterView(_) => "ClusterView",
             ToWorker::ClusterViewChange(_) => "ClusterViewChange",
             ToWorker::ClusterRequest { .. } => "ClusterRequest",
+            ToWorker::OpenLocalLane { .. } => "OpenLocalLane",
         }
     }
 }

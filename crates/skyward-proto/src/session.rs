@@ -269,7 +269,7 @@ impl WorkerSession {
             }
             ToWorker::QueryBinary { hash } => self.events.push_back(WorkerEvent::QueryBinary { hash }),
             // The glue handles binary uploads itself; the frame only opens the byte stream.
-            ToWorker::PutBinary { .. } | ToWorker::OpenLane => {}
+            ToWorker::PutBinary { .. } | ToWorker::OpenLane | ToWorker::OpenLocalLane { .. } => {}
             ToWorker::Shutdown => self.events.push_back(WorkerEvent::Shutdown),
             ToWorker::ClusterView(view) => self.events.push_back(WorkerEvent::ClusterView(view)),
             ToWorker::ClusterViewChange(change) => self.events.push_back(WorkerEvent::ClusterViewChange(change)),
