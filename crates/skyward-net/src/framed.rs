@@ -40,8 +40,18 @@ pub struct FramedRecv {
 #[derive(Debug)]
 enum Source {
     Quic(quinn::RecvStream),
-    Unix { read: crate::unix::UnixRead, buf: Box<[u8]> },
+    /// `buf` starts small and doubles, up to [`UNIX_READ_MAX`], each time a read fills it: an
+    /// idle or one-call-at-a-time lane holds 2 KiB, not 64 (a coordinator of 1,000 local nodes
+    /// has 4,000 lanes).
+    Unix {
+        read: crate::unix::UnixRead,
+        buf: Vec<u8>,
+    },
 }
+
+/// First and largest read buffer of a Unix-socket [`FramedRecv`].
+const UNIX_READ_MIN: usize = 2 * 1024;
+const UNIX_READ_MAX: usize = 64 * 1024;
 
 impl Source {
     /// Read what the stream has into `decoder`, waiting for at least one byte; `false` at its end.
@@ -58,6 +68,9 @@ impl Source {
                 use tokio::io::AsyncReadExt;
                 let n = read.read(buf).await?;
                 decoder.push(&buf[..n]);
+                if n == buf.len() && buf.len() < UNIX_READ_MAX {
+                    buf.resize(buf.len() * 2, 0);
+                }
                 Ok(n > 0)
             }
         }
@@ -72,7 +85,7 @@ impl FramedRecv {
 
     /// Wrap the reading half of a Unix socket (a local lane), refusing frames over `max_frame`.
     pub fn unix(read: crate::unix::UnixRead, max_frame: usize) -> Self {
-        let buf = vec![0u8; 64 * 1024].into_boxed_slice();
+        let buf = vec![0u8; UNIX_READ_MIN];
         Self { source: Source::Unix { read, buf }, decoder: FrameDecoder::new(max_frame), finished: false }
     }
 
@@ -218,13 +231,14 @@ mod tests {
         (FramedRecv::unix(read, max_frame), write)
     }
 
-    /// A local lane's reader: frames split across writes, a batch of what one read brought,
+    /// A local lane's reader: frames split across writes, batches of what each read brought,
     /// then the clean end.
     #[tokio::test]
     async fn frames_over_a_unix_socket_arrive_whole_in_order_and_end_cleanly() {
         let (mut recv, mut write) = unix_pair(1024);
         let mut bytes = Vec::new();
-        for n in 0..100u32 {
+        // More than the first read buffer holds: it grows as reads fill it.
+        for n in 0..20_000u32 {
             codec::encode_frame(&n, &mut bytes).expect("encode");
         }
         // Half a frame first: nothing to return until the rest comes.
@@ -239,7 +253,7 @@ mod tests {
             recv.handle_batch("u32", first, &mut got).expect("batch");
         }
         writer.await.expect("writer");
-        assert_eq!(got.0, (0..100).collect::<Vec<_>>());
+        assert_eq!(got.0, (0..20_000).collect::<Vec<_>>());
     }
 
     #[tokio::test]
