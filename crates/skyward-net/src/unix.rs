@@ -116,9 +116,17 @@ impl AsyncRead for UnixRead {
         loop {
             let mut ready = ready!(self.socket.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
+            let room = unfilled.len();
             match ready.try_io(|socket| socket.get_ref().read(unfilled)) {
                 Ok(Ok(n)) => {
                     buf.advance(n);
+                    // A short read took everything the socket held: the next read would only
+                    // fail with "would block", so forget the readiness now (as tokio's own
+                    // sockets do) and wait for the next event instead of making that call.
+                    // Bytes that arrived since raise a newer event, which this cannot clear.
+                    if n > 0 && n < room {
+                        ready.clear_ready();
+                    }
                     return Poll::Ready(Ok(()));
                 }
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
@@ -187,6 +195,23 @@ mod tests {
         drop(a_write);
         let mut rest = Vec::new();
         assert_eq!(b_read.read_to_end(&mut rest).await.unwrap(), 0, "the peer reads the end");
+    }
+
+    /// A short read forgets the socket's readiness (no read that would only say "would block"):
+    /// bytes written after it still wake the reader, every time.
+    #[tokio::test]
+    async fn after_a_short_read_later_bytes_still_wake_the_reader() {
+        let ((mut a_read, _a_write), (_b_read, mut b_write)) = split_pair();
+        let mut buf = [0u8; 64];
+        for round in 0..100u8 {
+            b_write.write_all(&[round; 3]).await.unwrap();
+            // Bounded: a lost wake-up fails the test instead of hanging it.
+            let n = tokio::time::timeout(std::time::Duration::from_secs(10), a_read.read(&mut buf))
+                .await
+                .expect("the reader was woken for bytes sent after its short read")
+                .unwrap();
+            assert_eq!(&buf[..n], &[round; 3]);
+        }
     }
 
     /// More than the socket holds: the writer waits for room (its writable registration), and
