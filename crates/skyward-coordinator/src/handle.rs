@@ -2,7 +2,7 @@
 
 use crate::node::{OutputLine, TaskSinks};
 use crate::pool::{PoolMsg, PoolShared};
-use crate::task_manager::{Done, Placement, TaskManagerRef, TaskRequest, TaskStats, TmMsg};
+use crate::task_manager::{Done, GatherReply, GatherSink, Placement, Reply, TaskManagerRef, TaskRequest, TaskStats, TmMsg};
 use futures::Stream;
 use ractor::ActorRef;
 use serde::Serialize;
@@ -13,7 +13,7 @@ use skyward_proto::codec;
 use skyward_proto::error::{RemoteError, TaskError};
 use skyward_proto::message::{CommandExit, CommandSpec, OutputStream, TaskId, TaskKind, WorkerFacts};
 use skyward_provider::{PoolContext, Provider};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
@@ -140,8 +140,12 @@ pub struct Pool {
 
 impl Inner {
     fn enqueue(&self, kind: TaskKind, dispatch: Dispatch, sinks: TaskSinks) -> (TaskId, oneshot::Receiver<Done>) {
-        let id = TaskId(self.next_task.fetch_add(1, Ordering::Relaxed));
         let (reply, rx) = oneshot::channel();
+        (self.enqueue_to(kind, dispatch, sinks, reply.into()), rx)
+    }
+
+    fn enqueue_to(&self, kind: TaskKind, dispatch: Dispatch, sinks: TaskSinks, reply: Reply) -> TaskId {
+        let id = TaskId(self.next_task.fetch_add(1, Ordering::Relaxed));
         let prepared = self.prepare_shared(&kind);
         let request = TaskRequest {
             id,
@@ -154,7 +158,7 @@ impl Inner {
             _prepared: prepared,
         };
         self.tm.submit(Box::new(request));
-        (id, rx)
+        id
     }
 
     /// Large arguments of a pool with nodes on this machine go into shared memory here, on the
@@ -609,30 +613,59 @@ impl Drop for Pool {
 /// The calls of one `gather`: at most `window` submitted and unfinished; the next one is
 /// submitted as one finishes (and the first window when the stream is made). Yields
 /// `(index in calls, result)` in completion order; dropping it cancels what is still running.
-struct InFlight<I, R> {
+/// Every call answers into one [`GatherSink`], so a batch of answers costs one wake-up.
+struct InFlight<I> {
     /// Boxed so that the stream is `Unpin` whatever the iterator.
     calls: Box<std::iter::Enumerate<I>>,
-    running: futures::stream::FuturesUnordered<Indexed<R>>,
+    /// The calls submitted and not yet yielded: index -> task and function name.
+    running: HashMap<usize, (TaskId, &'static str)>,
+    sink: Arc<GatherSink>,
+    /// Answers taken from the sink, not yet yielded.
+    answers: VecDeque<(usize, Done)>,
+    /// Calls that failed before they could be submitted (their arguments did not encode).
+    early: VecDeque<(usize, Error)>,
     inner: Arc<Inner>,
     window: usize,
 }
 
-impl<I: Iterator<Item = Call<R>>, R: DeserializeOwned> InFlight<I, R> {
-    fn new(inner: Arc<Inner>, calls: I) -> Self {
+impl<I> InFlight<I> {
+    fn new<R>(inner: Arc<Inner>, calls: I) -> Self
+    where
+        I: Iterator<Item = Call<R>>,
+    {
         let window = inner.shared.options.max_in_flight.max(1);
-        let mut this = Self { calls: Box::new(calls.enumerate()), running: Default::default(), inner, window };
+        let mut this = Self {
+            calls: Box::new(calls.enumerate()),
+            running: HashMap::new(),
+            sink: Arc::default(),
+            answers: VecDeque::new(),
+            early: VecDeque::new(),
+            inner,
+            window,
+        };
         this.fill();
         this
     }
 
-    fn fill(&mut self) {
+    fn fill<R>(&mut self)
+    where
+        I: Iterator<Item = Call<R>>,
+    {
         // The calls submitted here go out in one write per lane, in batches (the user's
         // iterator makes each call: the first must not wait for a whole window of them).
         let cork = skyward_net::Cork::new();
         let mut submitted = 0usize;
         while self.running.len() < self.window {
             let Some((i, call)) = self.calls.next() else { break };
-            self.running.push(Indexed(i, self.inner.submit_with(call, Dispatch { placement: Placement::Any, timeout: None })));
+            match self.inner.function_kind(&call, false) {
+                Ok(kind) => {
+                    let reply = Reply::Gather(GatherReply::new(i, &self.sink));
+                    let dispatch = Dispatch { placement: Placement::Any, timeout: None };
+                    let task = self.inner.enqueue_to(kind, dispatch, TaskSinks::default(), reply);
+                    self.running.insert(i, (task, call.name()));
+                }
+                Err(e) => self.early.push_back((i, e)),
+            }
             submitted += 1;
             if submitted.is_multiple_of(skyward_net::CORK_BATCH) {
                 cork.flush();
@@ -641,34 +674,45 @@ impl<I: Iterator<Item = Call<R>>, R: DeserializeOwned> InFlight<I, R> {
     }
 }
 
-impl<I: Iterator<Item = Call<R>>, R: DeserializeOwned> Stream for InFlight<I, R> {
+impl<I: Iterator<Item = Call<R>>, R: DeserializeOwned> Stream for InFlight<I> {
     type Item = (usize, Result<R, Error>);
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        use futures::StreamExt;
         let this = self.get_mut();
         this.fill();
-        // `running` is empty only once `calls` is exhausted (fill ran just before): then done.
-        let item = std::task::ready!(this.running.poll_next_unpin(cx));
+        if let Some((i, e)) = this.early.pop_front() {
+            return Poll::Ready(Some((i, Err(e))));
+        }
+        let (i, task, name, done) = loop {
+            if this.answers.is_empty() {
+                // Nothing running once `calls` is exhausted (fill ran just before): then done.
+                if this.running.is_empty() {
+                    return Poll::Ready(None);
+                }
+                this.sink.take(cx, &mut this.answers);
+            }
+            let Some((i, done)) = this.answers.pop_front() else { return Poll::Pending };
+            // Each call is answered once (the book's delivery rule); skip anything else.
+            if let Some((task, name)) = this.running.remove(&i) {
+                break (i, task, name, done);
+            }
+        };
+        let result = answer(name, task, done);
         // Keep the window full even while the consumer is busy with this result; not after a
         // failure, which ends a `gather` (nothing more may be submitted for it).
-        if matches!(item, Some((_, Ok(_)))) {
+        if result.is_ok() {
             this.fill();
         }
-        Poll::Ready(item)
+        Poll::Ready(Some((i, result)))
     }
 }
 
-/// A task handle with the index of its call.
-struct Indexed<R>(usize, TaskHandle<R>);
-
-impl<R: DeserializeOwned> Future for Indexed<R> {
-    type Output = (usize, Result<R, Error>);
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        let result = std::task::ready!(Pin::new(&mut this.1).poll(cx));
-        Poll::Ready((this.0, result))
+impl<I> Drop for InFlight<I> {
+    /// Cancel what is still running, as dropping its task handles would.
+    fn drop(&mut self) {
+        for (task, _) in self.running.values() {
+            let _ = self.inner.tm.cast(TmMsg::Cancel { task: *task });
+        }
     }
 }
 
@@ -724,6 +768,14 @@ fn decode<R: DeserializeOwned>(name: &str, bytes: Vec<u8>) -> Result<R, Error> {
     })
 }
 
+/// What a call's caller gets from its answer.
+fn answer<R: DeserializeOwned>(name: &str, task: TaskId, done: Done) -> Result<R, Error> {
+    match done.result {
+        Ok(bytes) => decode(name, bytes),
+        Err(source) => Err(Error::Task { task, function: name.to_string(), rank: done.rank, source: Box::new(source) }),
+    }
+}
+
 impl<R: DeserializeOwned> Future for TaskHandle<R> {
     type Output = Result<R, Error>;
 
@@ -738,11 +790,7 @@ impl<R: DeserializeOwned> Future for TaskHandle<R> {
             Poll::Ready(done) => {
                 this.rx = None;
                 let done = done.unwrap_or(Done { result: Err(TaskError::PoolClosed), rank: None });
-                let task = this.id.unwrap_or(TaskId(0));
-                Poll::Ready(match done.result {
-                    Ok(bytes) => decode(this.name, bytes),
-                    Err(source) => Err(Error::Task { task, function: this.name.to_string(), rank: done.rank, source: Box::new(source) }),
-                })
+                Poll::Ready(answer(this.name, this.id.unwrap_or(TaskId(0)), done))
             }
         }
     }

@@ -43,8 +43,83 @@ pub(crate) struct Done {
     pub(crate) rank: Option<u32>,
 }
 
-/// The reply a caller waits on.
-pub(crate) type Reply = oneshot::Sender<Done>;
+/// Where a task's answer goes: the caller's own port (a [`TaskHandle`](crate::TaskHandle)), or
+/// its slot in the sink of the `gather` it belongs to.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    One(oneshot::Sender<Done>),
+    Gather(GatherReply),
+}
+
+impl From<oneshot::Sender<Done>> for Reply {
+    fn from(port: oneshot::Sender<Done>) -> Self {
+        Self::One(port)
+    }
+}
+
+impl Reply {
+    /// Deliver the answer (a caller that is gone is not an error).
+    pub(crate) fn send(self, done: Done) {
+        match self {
+            Self::One(port) => {
+                let _ = port.send(done);
+            }
+            Self::Gather(mut reply) => {
+                if let Some(sink) = reply.sink.take() {
+                    sink.push(reply.index, done);
+                }
+            }
+        }
+    }
+}
+
+/// The answers of one `gather`'s calls, in completion order. One sink for all of them, not a
+/// port each: a reader that books a batch of answers wakes the gather once, and the gather takes
+/// the batch with one lock, where a port per call cost a wake-up and a poll of the gather's set
+/// of futures per answer (perf: most of the coordinator's time when the gather ran as a task on
+/// a multi-thread runtime).
+#[derive(Debug, Default)]
+pub(crate) struct GatherSink {
+    done: Mutex<Vec<(usize, Done)>>,
+    waker: futures::task::AtomicWaker,
+}
+
+impl GatherSink {
+    fn push(&self, index: usize, done: Done) {
+        self.done.lock().expect("gather sink").push((index, done));
+        self.waker.wake();
+    }
+
+    /// Move the answers that arrived into `into`; when there are none, the gather is woken by
+    /// the next one.
+    pub(crate) fn take(&self, cx: &mut std::task::Context<'_>, into: &mut VecDeque<(usize, Done)>) {
+        self.waker.register(cx.waker());
+        into.extend(self.done.lock().expect("gather sink").drain(..));
+    }
+}
+
+/// Call `index` of a gather. Dropped without an answer (the book was dropped), it answers
+/// `PoolClosed`, as a dropped port does for a [`TaskHandle`](crate::TaskHandle): the gather
+/// never waits for an answer that cannot come.
+#[derive(Debug)]
+pub(crate) struct GatherReply {
+    index: usize,
+    sink: Option<Arc<GatherSink>>,
+}
+
+impl GatherReply {
+    pub(crate) fn new(index: usize, sink: &Arc<GatherSink>) -> Self {
+        Self { index, sink: Some(Arc::clone(sink)) }
+    }
+}
+
+impl Drop for GatherReply {
+    fn drop(&mut self) {
+        if let Some(sink) = self.sink.take() {
+            sink.push(self.index, Done { result: Err(TaskError::PoolClosed), rank: None });
+        }
+    }
+}
 
 /// One task handed to the manager.
 #[derive(Debug)]
@@ -468,7 +543,7 @@ impl Drop for BookGuard<'_> {
         let outbox = std::mem::take(&mut state.outbox);
         drop(state);
         for (reply, done) in outbox {
-            let _ = reply.send(done);
+            reply.send(done);
         }
     }
 }
@@ -675,7 +750,7 @@ mod tests {
             kind,
             placement: Placement::Any,
             timeout: None,
-            reply,
+            reply: reply.into(),
             sinks: TaskSinks::default(),
             initial_credit: 0,
             _prepared: None,
@@ -738,5 +813,41 @@ mod tests {
         let answers: Vec<Done> = waiting.iter_mut().map(|rx| rx.try_recv().expect("answered once the lock was released")).collect();
         assert!(matches!(answers[1].result, Err(TaskError::Cancelled)), "{answers:?}");
         assert!(answers.iter().enumerate().all(|(i, d)| i == 1 || matches!(d.result, Err(TaskError::PoolClosed))), "{answers:?}");
+    }
+
+    /// A gather's answers: each call's lands once under its index, a batch wakes the gather and
+    /// is taken whole, and a reply dropped unanswered (its book dropped) answers `PoolClosed`.
+    #[test]
+    fn a_gather_sink_takes_a_batch_of_answers_and_a_dropped_reply_answers_pool_closed() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(Arc::clone(&count));
+        let mut cx = std::task::Context::from_waker(&waker);
+        let sink = Arc::new(GatherSink::default());
+        let mut taken = VecDeque::new();
+        sink.take(&mut cx, &mut taken);
+        assert!(taken.is_empty(), "answers before any call was answered");
+        let replies: Vec<Reply> = (0..3).map(|i| Reply::Gather(GatherReply::new(i, &sink))).collect();
+        let mut replies = replies.into_iter();
+        replies.next().expect("0").send(Done { result: Ok(vec![7]), rank: Some(1) });
+        replies.next().expect("1").send(Done { result: Err(TaskError::Cancelled), rank: None });
+        let woken = count.0.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(woken, 1, "a batch of answers woke the gather {woken} times");
+        sink.take(&mut cx, &mut taken);
+        let got: Vec<usize> = taken.iter().map(|(i, _)| *i).collect();
+        assert_eq!(got, vec![0, 1]);
+        assert!(matches!(taken[0].1.result, Ok(ref bytes) if bytes == &[7]) && taken[0].1.rank == Some(1), "{taken:?}");
+        assert!(matches!(taken[1].1.result, Err(TaskError::Cancelled)), "{taken:?}");
+        taken.clear();
+        drop(replies);
+        sink.take(&mut cx, &mut taken);
+        assert_eq!(taken.len(), 1, "{taken:?}");
+        assert!(taken[0].0 == 2 && matches!(taken[0].1.result, Err(TaskError::PoolClosed)), "{taken:?}");
+        assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 2, "the dropped reply did not wake the gather");
     }
 }
