@@ -252,7 +252,23 @@ async fn two_workers(sizes: Sizes, busy_poll: bool) -> Vec<Value> {
         pool.gather((0..sizes.async_tasks).map(|_| noop())).await.expect("gather");
         rates.push(sizes.async_tasks as f64 / t.elapsed().as_secs_f64());
     }
-    out.push(scenario("async_task_throughput", &[("tasks_per_s", rates)], Some(format!("{} tasks per repetition", sizes.async_tasks))));
+    // The same from a task spawned on the runtime (a server's handler, say): the gather's
+    // consumer and the lane readers then run on different runtime threads at once.
+    let mut spawned = Vec::new();
+    for _ in 0..sizes.reps {
+        let t = Instant::now();
+        let results = pool.gather_unordered((0..sizes.async_tasks).map(|_| noop()));
+        let ok = tokio::spawn(futures::StreamExt::count(futures::StreamExt::filter(results, |(_, r)| std::future::ready(r.is_ok()))))
+            .await
+            .expect("spawned gather");
+        assert_eq!(ok, sizes.async_tasks, "calls of the spawned gather failed");
+        spawned.push(sizes.async_tasks as f64 / t.elapsed().as_secs_f64());
+    }
+    out.push(scenario(
+        "async_task_throughput",
+        &[("tasks_per_s", rates), ("tasks_per_s_spawned", spawned)],
+        Some(format!("{} tasks per repetition", sizes.async_tasks)),
+    ));
 
     let echo = pool.spawn_actor_on::<Echo>(1, &()).await.expect("spawn actor");
     let (p50, p99) = sync_actor_calls(&echo, sizes).await;
@@ -549,6 +565,14 @@ const METRICS: &[MetricSpec] = &[
         ratio_target: Some(20.0),
         peer_metric: None,
     },
+    MetricSpec::untargeted(
+        "async_task_throughput",
+        "tasks_per_s_spawned",
+        "async no-op tasks, gathered in a spawned task",
+        "tasks/s",
+        true,
+    )
+    .compared_with("tasks_per_s"),
     MetricSpec::untargeted("sync_actor_call", "p50_us", "sync actor call, p50, multi-thread client", "us", false),
     MetricSpec::untargeted("sync_actor_call", "p99_us", "sync actor call, p99, multi-thread client", "us", false),
     MetricSpec::untargeted("sync_actor_call", "p50_us_current_thread", "sync actor call, p50, current-thread client", "us", false)
