@@ -13,7 +13,7 @@ use skyward_proto::codec;
 use skyward_proto::error::{RemoteError, TaskError};
 use skyward_proto::message::{CommandExit, CommandSpec, OutputStream, TaskId, TaskKind, WorkerFacts};
 use skyward_provider::{PoolContext, Provider};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
@@ -618,7 +618,7 @@ struct InFlight<I> {
     /// Boxed so that the stream is `Unpin` whatever the iterator.
     calls: Box<std::iter::Enumerate<I>>,
     /// The calls submitted and not yet yielded: index -> task and function name.
-    running: HashMap<usize, (TaskId, &'static str)>,
+    running: skyward_proto::IdMap<usize, (TaskId, &'static str)>,
     sink: Arc<GatherSink>,
     /// Answers taken from the sink, not yet yielded.
     answers: VecDeque<(usize, Done)>,
@@ -636,7 +636,7 @@ impl<I> InFlight<I> {
         let window = inner.shared.options.max_in_flight.max(1);
         let mut this = Self {
             calls: Box::new(calls.enumerate()),
-            running: HashMap::new(),
+            running: skyward_proto::IdMap::default(),
             sink: Arc::default(),
             answers: VecDeque::new(),
             early: VecDeque::new(),
