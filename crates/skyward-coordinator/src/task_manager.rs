@@ -64,11 +64,7 @@ impl Reply {
             Self::One(port) => {
                 let _ = port.send(done);
             }
-            Self::Gather(mut reply) => {
-                if let Some(sink) = reply.sink.take() {
-                    sink.push(reply.index, done);
-                }
-            }
+            Self::Gather(reply) => reply.answer(done),
         }
     }
 }
@@ -110,6 +106,12 @@ pub(crate) struct GatherReply {
 impl GatherReply {
     pub(crate) fn new(index: usize, sink: &Arc<GatherSink>) -> Self {
         Self { index, sink: Some(Arc::clone(sink)) }
+    }
+
+    fn answer(mut self, done: Done) {
+        if let Some(sink) = self.sink.take() {
+            sink.push(self.index, done);
+        }
     }
 }
 

@@ -49,8 +49,9 @@ enum Source {
     },
 }
 
-/// First and largest read buffer of a Unix-socket [`FramedRecv`].
+/// First read buffer of a Unix-socket [`FramedRecv`].
 const UNIX_READ_MIN: usize = 2 * 1024;
+/// Largest read buffer of a Unix-socket [`FramedRecv`].
 const UNIX_READ_MAX: usize = 64 * 1024;
 
 impl Source {
