@@ -118,6 +118,7 @@ async fn executor_cpus() -> anyhow::Result<Vec<usize>> {
 pub(crate) fn trials() -> Vec<Trial> {
     vec![
         Trial::test("dispatch::local_nodes_run_on_cpu_slices_of_their_own", || block_on(cpu_slices())),
+        Trial::test("dispatch::a_call_goes_to_an_idle_node_on_the_callers_cpu", || block_on(near_nodes())),
         Trial::test("dispatch::a_pool_on_a_current_thread_runtime", || {
             // What `#[skyward::main(flavor = "current_thread")]` gives: the caller, QUIC and the
             // lane readers all on this one thread.
@@ -393,6 +394,68 @@ async fn cpu_slices() -> anyhow::Result<()> {
     union.sort_unstable();
     anyhow::ensure!(union == here, "slices {per_node:?} do not cover this process's CPUs {here:?}");
     Ok(())
+}
+
+/// Restores the calling thread's CPU mask when dropped.
+struct PinnedThread(libc::cpu_set_t);
+
+impl PinnedThread {
+    /// Keep the calling thread on `cpu` until the guard is dropped.
+    fn to(cpu: usize) -> anyhow::Result<Self> {
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        // SAFETY: masks the kernel fills or CPU_SET writes inside (cpu comes from this
+        // process's own mask); pid 0 is the calling thread.
+        unsafe {
+            let mut before: libc::cpu_set_t = std::mem::zeroed();
+            anyhow::ensure!(libc::sched_getaffinity(0, size, &mut before) == 0, "sched_getaffinity");
+            let mut only: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut only);
+            anyhow::ensure!(libc::sched_setaffinity(0, size, &only) == 0, "sched_setaffinity({cpu})");
+            Ok(Self(before))
+        }
+    }
+}
+
+impl Drop for PinnedThread {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask read in `to`, on the same thread.
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0) };
+    }
+}
+
+/// With Local nodes on CPU slices of their own, a call from a thread on one node's CPUs goes to
+/// that node while it is idle (no wake-up crosses CPUs), whatever the round robin would pick;
+/// while that node is busy, calls are spread round robin as before.
+async fn near_nodes() -> anyhow::Result<()> {
+    let here = cpus_allowed_here()?;
+    if here.len() < 2 {
+        // One CPU: Local pins nothing and no node is nearer than another.
+        return Ok(());
+    }
+    let pool = crate::support::pool(2, 2).await?;
+    let slices = pool.broadcast(executor_cpus()).await?;
+    for (rank, slice) in slices.iter().enumerate() {
+        let _pinned = PinnedThread::to(slice[0])?;
+        let mut ranks = Vec::new();
+        for _ in 0..20 {
+            ranks.push(pool.run(blocking_rank()).await?);
+        }
+        anyhow::ensure!(ranks.iter().all(|&r| r as usize == rank), "from CPU {}, calls went to ranks {ranks:?}", slice[0]);
+        // The near node busy (the submit books the task on it before it returns): calls take
+        // the round robin again, over both nodes.
+        let busy =
+            pool.submit_with(slow_echo(60_000, 1), skyward::Dispatch { placement: skyward::Placement::Rank(rank as u32), timeout: None });
+        let mut spread = Vec::new();
+        for _ in 0..4 {
+            spread.push(pool.run(blocking_rank()).await?);
+        }
+        busy.cancel();
+        anyhow::ensure!(busy.await.is_err(), "the cancelled call answered");
+        anyhow::ensure!(spread.contains(&0) && spread.contains(&1), "with rank {rank} busy, calls from its CPU went to ranks {spread:?}");
+    }
+    let id = pool.pool_id().to_string();
+    pool.shutdown().await?;
+    assert_no_workers(&id)
 }
 
 /// Start, one call at a time, a gather, a broadcast and a shutdown with every task of the pool on

@@ -783,6 +783,7 @@ pub fn facts(config: &WorkerConfig) -> WorkerFacts {
         worker_version: env!("CARGO_PKG_VERSION").to_string(),
         memory_probe: memory_probe(),
         local_lanes: None,
+        cpus: skyward_net::cpus::allowed().into_iter().filter_map(|cpu| u32::try_from(cpu).ok()).collect(),
     }
 }
 

@@ -151,6 +151,7 @@ impl Inner {
             id,
             kind,
             placement: dispatch.placement,
+            near_cpu: skyward_net::cpus::current(),
             timeout: dispatch.timeout.or(self.shared.options.default_task_timeout),
             reply,
             sinks,

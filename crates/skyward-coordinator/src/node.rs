@@ -436,12 +436,27 @@ fn drain(session: &mut CoordinatorSession) -> (Vec<ToWorker>, Vec<NodeEvent>) {
     (transmit, events)
 }
 
+/// The CPUs a worker on this machine reported (`WorkerFacts::cpus`) when they are fewer than
+/// this process may use: a node pinned to a slice of the machine (the Local provider's
+/// `cpu_slice`). A call from a thread on one of them, sent to that node while it is idle, wakes
+/// no thread on another CPU on its way there and back (docs/architecture.md, "Near nodes").
+/// Empty for a node that may run wherever the caller may: it is no nearer to one CPU than to
+/// another.
+fn near_cpus(worker: &[u32]) -> Vec<u32> {
+    let ours = skyward_net::cpus::allowed();
+    let narrower = ours.iter().any(|&cpu| u32::try_from(cpu).is_ok_and(|cpu| !worker.contains(&cpu)));
+    if narrower { worker.to_vec() } else { Vec::new() }
+}
+
 /// The task manager's handle on a ready node: dispatch, cancel, credit.
 #[derive(Clone)]
 pub(crate) struct NodeHandle {
     pub(crate) rank: u32,
     pub(crate) slots: u32,
     pub(crate) address: String,
+    /// The CPUs of this machine the node is pinned to (see [`near_cpus`]); empty for a node
+    /// elsewhere or one that may run on any CPU this process may.
+    pub(crate) near_cpus: Vec<u32>,
     shared: Arc<NodeShared>,
 }
 
@@ -723,6 +738,8 @@ pub(crate) struct NodeStateData {
     binary: Arc<ShippedBinary>,
     state: NodeState,
     facts: Option<WorkerFacts>,
+    /// [`near_cpus`] of the node, from its first hello.
+    near_cpus: Vec<u32>,
     address: String,
     /// `ip:port` of the worker's endpoint as seen from here: where its peers dial it.
     cluster_addr: String,
@@ -836,6 +853,7 @@ impl Actor for Node {
             binary: args.binary,
             state: NodeState::Requested,
             facts: None,
+            near_cpus: Vec::new(),
             address: "127.0.0.1".into(),
             cluster_addr: String::new(),
             timer: None,
@@ -979,6 +997,7 @@ impl Actor for Node {
                     let _ = state.pool.cast(PoolMsg::NodeFailed { rank: shared.rank, error: e.to_string() });
                     return Ok(());
                 }
+                state.near_cpus = if local { near_cpus(&facts.cpus) } else { Vec::new() };
                 state.facts = Some(facts);
                 state.state = NodeState::Bootstrapping;
                 let me = myself.clone();
@@ -1007,6 +1026,7 @@ impl Actor for Node {
                         rank: shared.rank,
                         slots: facts.concurrency,
                         address: state.address.clone(),
+                        near_cpus: state.near_cpus.clone(),
                         shared: Arc::clone(&shared),
                     };
                     shared.cluster.node_ready(shared.rank, shared.node_id.clone(), state.cluster_addr.clone(), Arc::clone(&shared));

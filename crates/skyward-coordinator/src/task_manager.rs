@@ -129,6 +129,9 @@ pub(crate) struct TaskRequest {
     pub(crate) id: TaskId,
     pub(crate) kind: TaskKind,
     pub(crate) placement: Placement,
+    /// The CPU the caller ran on when it submitted (`skyward_net::cpus::current`): an idle node
+    /// pinned to it takes a `Placement::Any` task first (`TmState::near`).
+    pub(crate) near_cpu: Option<u32>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) reply: Reply,
     pub(crate) sinks: TaskSinks,
@@ -261,6 +264,10 @@ struct TmState {
     nodes: IdMap<u32, Slot>,
     /// Ready ranks with a free slot (round robin for `Placement::Any`).
     free: RoundRobin,
+    /// Ready nodes on this machine pinned to a few of its CPUs (`NodeHandle::near_cpus`), by
+    /// CPU. A `Placement::Any` task submitted from one of those CPUs goes to such a node when it
+    /// is idle, ahead of the round robin: a sync call's hops then stay on one CPU.
+    near: IdMap<u32, Vec<u32>>,
     /// Tasks for any node, in arrival order. Cancelled ids are skipped lazily.
     queue: VecDeque<TaskId>,
     /// Tasks pinned to a rank, per rank.
@@ -278,10 +285,36 @@ struct TmState {
 }
 
 impl TmState {
-    fn pick(&mut self, placement: Placement) -> Option<u32> {
+    /// The rank a task goes to now, if any has room: its own rank, or for `Placement::Any` an
+    /// idle node pinned to `near_cpu` (the caller's CPU) before the round robin.
+    fn pick(&mut self, placement: Placement, near_cpu: Option<u32>) -> Option<u32> {
         match placement {
             Placement::Rank(r) => self.nodes.get(&r).filter(|s| s.busy < s.capacity).map(|_| r),
-            Placement::Any => self.free.next(),
+            Placement::Any => near_cpu.and_then(|cpu| self.idle_near(cpu)).or_else(|| self.free.next()),
+        }
+    }
+
+    /// A ready node pinned to `cpu` with nothing running.
+    fn idle_near(&self, cpu: u32) -> Option<u32> {
+        let ranks = self.near.get(&cpu)?;
+        ranks.iter().copied().find(|rank| self.nodes.get(rank).is_some_and(|s| s.busy == 0))
+    }
+
+    /// Index `node` under each CPU it is pinned to (after any earlier entry of its rank is gone).
+    fn add_near(&mut self, node: &NodeHandle) {
+        for &cpu in &node.near_cpus {
+            self.near.entry(cpu).or_default().push(node.rank);
+        }
+    }
+
+    fn remove_near(&mut self, node: &NodeHandle) {
+        for cpu in &node.near_cpus {
+            if let Some(ranks) = self.near.get_mut(cpu) {
+                ranks.retain(|&r| r != node.rank);
+                if ranks.is_empty() {
+                    self.near.remove(cpu);
+                }
+            }
         }
     }
 
@@ -353,7 +386,7 @@ impl TmState {
                 self.queue.pop_front();
                 continue;
             }
-            let Some(rank) = self.pick(Placement::Any) else { break };
+            let Some(rank) = self.pick(Placement::Any, None) else { break };
             self.queue.pop_front();
             self.dispatch(task, rank);
         }
@@ -423,6 +456,7 @@ impl TmState {
         TmState {
             nodes: IdMap::default(),
             free: RoundRobin::default(),
+            near: IdMap::default(),
             queue: VecDeque::new(),
             pinned: IdMap::default(),
             tasks: IdMap::default(),
@@ -450,13 +484,13 @@ impl TmState {
                 })
                 .abort_handle()
         });
-        let placement = request.placement;
+        let (placement, near_cpu) = (request.placement, request.near_cpu);
         self.tasks.insert(id, Entry { request, attempts: 0, running_on: None, timer });
         let nothing_ahead = match placement {
             Placement::Any => self.queue.is_empty(),
             Placement::Rank(r) => !self.pinned.contains_key(&r),
         };
-        if nothing_ahead && let Some(rank) = self.pick(placement) {
+        if nothing_ahead && let Some(rank) = self.pick(placement, near_cpu) {
             self.dispatch(id, rank);
         } else {
             self.enqueue_back(id, placement);
@@ -668,6 +702,10 @@ impl Actor for TaskManager {
             TmMsg::NodeReady { node } => {
                 let rank = node.rank;
                 let capacity = node.slots.max(1);
+                if let Some(earlier) = state.nodes.remove(&rank) {
+                    state.remove_near(&earlier.node);
+                }
+                state.add_near(&node);
                 state.nodes.insert(rank, Slot { node, capacity, busy: 0 });
                 state.update_free(rank);
                 // A rank that comes back may have a new address.
@@ -678,6 +716,7 @@ impl Actor for TaskManager {
             }
             TmMsg::NodeLost { rank, in_flight } => {
                 if let Some(slot) = state.nodes.remove(&rank) {
+                    state.remove_near(&slot.node);
                     // Its tasks run elsewhere from now on, with their own objects.
                     slot.node.release_shared_memory();
                 }
@@ -751,6 +790,7 @@ mod tests {
             id: TaskId(id),
             kind,
             placement: Placement::Any,
+            near_cpu: None,
             timeout: None,
             reply: reply.into(),
             sinks: TaskSinks::default(),

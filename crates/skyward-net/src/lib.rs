@@ -6,8 +6,10 @@
 //! certificate gets past the TLS handshake.
 //!
 //! Architecture invariant: this crate moves frames; it knows the protocol's framing but none of its
-//! state machines, and nothing of actors or providers.
+//! state machines, and nothing of actors or providers. Besides, it says what a process can learn
+//! of its machine for locality: shared memory (`shm`) and the CPUs (`cpus`).
 
+pub mod cpus;
 pub mod direct;
 pub mod framed;
 pub mod shm;

@@ -32,7 +32,7 @@ pub enum SilenceAction {
 }
 
 /// Version of the wire protocol. A peer that speaks another version is refused in the handshake.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// A map keyed by ids (task, call and request ids, ranks): FxHash instead of SipHash, several
 /// times cheaper per lookup on integer keys, and the hot path does a dozen lookups per task. The

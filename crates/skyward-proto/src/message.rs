@@ -254,6 +254,10 @@ pub struct WorkerFacts {
     /// Where a coordinator on this machine can open lanes over a Unix socket instead of QUIC
     /// (`None`: the worker listens for none).
     pub local_lanes: Option<LocalLanes>,
+    /// The CPUs the worker may run on (its affinity mask when it started; empty where unknown).
+    /// A coordinator on the same machine sends a call to an idle node pinned to the caller's CPU
+    /// first: no wake-up then crosses CPUs.
+    pub cpus: Vec<u32>,
 }
 
 /// A worker's Unix socket for lanes from a coordinator on the same machine, and the secret the

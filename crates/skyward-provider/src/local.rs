@@ -138,63 +138,13 @@ pub fn cpu_slice(allowed: &[usize], rank: u32, node_count: u32) -> Option<Vec<us
     Some(allowed[r * c / n..(r + 1) * c / n].to_vec())
 }
 
-/// The CPUs this (calling) thread may use, the hardware threads of one core next to each other
-/// (ordered by package, core and number from sysfs, by number alone where sysfs does not say),
-/// so that contiguous slices hold whole cores. Empty if the kernel will not say.
-#[cfg(target_os = "linux")]
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: `set` is a plain bitmask the kernel fills; its size is passed along.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
-        tracing::debug!("sched_getaffinity failed: Local nodes run unpinned: {}", std::io::Error::last_os_error());
-        return Vec::new();
-    }
-    let bits = 8 * std::mem::size_of::<libc::cpu_set_t>();
-    // SAFETY: CPU_ISSET reads the mask filled above, with an index inside it.
-    let mut cpus: Vec<usize> = (0..bits).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect();
-    let cores = core_of_cpu();
-    cpus.sort_by_key(|&cpu| (cores.get(&cpu).copied().unwrap_or_default(), cpu));
-    cpus
-}
-
-/// `(package, core)` of every CPU sysfs lists, read once per process (the machine's topology
-/// does not change; the mask above is read per node, as it may).
-#[cfg(target_os = "linux")]
-fn core_of_cpu() -> &'static HashMap<usize, (usize, usize)> {
-    static CORES: std::sync::OnceLock<HashMap<usize, (usize, usize)>> = std::sync::OnceLock::new();
-    CORES.get_or_init(|| {
-        let read = |cpu: usize, what: &str| {
-            std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu{cpu}/topology/{what}"))
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .unwrap_or(0)
-        };
-        let Ok(entries) = std::fs::read_dir("/sys/devices/system/cpu") else { return HashMap::new() };
-        entries
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.strip_prefix("cpu")?.parse::<usize>().ok())
-            .map(|cpu| (cpu, (read(cpu, "physical_package_id"), read(cpu, "core_id"))))
-            .collect()
-    })
-}
-
-#[cfg(not(target_os = "linux"))]
-fn allowed_cpus() -> Vec<usize> {
-    Vec::new()
-}
-
 /// Start the child on `cpus` only (its threads and the executors it starts inherit the mask).
 /// Best effort: where the mask cannot be set (the machine's CPU set changed since it was read),
 /// the worker starts unpinned.
 #[cfg(target_os = "linux")]
 fn pin_child(command: &mut std::process::Command, cpus: &[usize]) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes bits inside it (the indices
-    // come from `allowed_cpus`, read from a mask of the same size).
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &cpu in cpus {
-        unsafe { libc::CPU_SET(cpu, &mut set) };
-    }
+    let set = skyward_net::cpus::mask(cpus);
     // SAFETY: the hook runs between fork and exec; it makes one system call on a value built
     // before the fork (no allocation, no lock), which is async-signal-safe.
     unsafe {
@@ -325,7 +275,7 @@ impl Provider for Local {
             use std::os::unix::process::CommandExt;
             command.process_group(0);
             if !self.share_cpus
-                && let Some(cpus) = cpu_slice(&allowed_cpus(), request.rank, request.node_count)
+                && let Some(cpus) = cpu_slice(&skyward_net::cpus::allowed(), request.rank, request.node_count)
             {
                 pin_child(&mut command, &cpus);
             }
