@@ -411,7 +411,8 @@ impl Pool {
         self.inner.submit_with(call, dispatch)
     }
 
-    /// Run `call` on one node (round robin over nodes with a free slot) and wait for its result.
+    /// Run `call` on one node (round robin over nodes with a free slot; an idle node pinned to
+    /// the caller's CPU on this machine first) and wait for its result.
     pub async fn run<R: DeserializeOwned>(&self, call: Call<R>) -> Result<R, Error> {
         self.submit(call).await
     }

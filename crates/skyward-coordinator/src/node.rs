@@ -436,16 +436,16 @@ fn drain(session: &mut CoordinatorSession) -> (Vec<ToWorker>, Vec<NodeEvent>) {
     (transmit, events)
 }
 
-/// The CPUs a worker on this machine reported (`WorkerFacts::cpus`) when they are fewer than
-/// this process may use: a node pinned to a slice of the machine (the Local provider's
+/// The CPUs a worker on this machine reported (`WorkerFacts::cpus`) when they are a strict subset
+/// of those this process may use: a node pinned to a slice of the machine (the Local provider's
 /// `cpu_slice`). A call from a thread on one of them, sent to that node while it is idle, wakes
 /// no thread on another CPU on its way there and back (docs/architecture.md, "Near nodes").
 /// Empty for a node that may run wherever the caller may: it is no nearer to one CPU than to
 /// another.
 fn near_cpus(worker: &[u32]) -> Vec<u32> {
-    let ours = skyward_net::cpus::allowed();
-    let narrower = ours.iter().any(|&cpu| u32::try_from(cpu).is_ok_and(|cpu| !worker.contains(&cpu)));
-    if narrower { worker.to_vec() } else { Vec::new() }
+    let ours: Vec<u32> = skyward_net::cpus::allowed().into_iter().filter_map(|cpu| u32::try_from(cpu).ok()).collect();
+    let subset = !worker.is_empty() && worker.len() < ours.len() && worker.iter().all(|cpu| ours.contains(cpu));
+    if subset { worker.to_vec() } else { Vec::new() }
 }
 
 /// The task manager's handle on a ready node: dispatch, cancel, credit.

@@ -30,7 +30,8 @@ use tokio::sync::oneshot;
 /// Where a task may run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
-    /// Any node with a free slot, round robin.
+    /// Any node with a free slot: round robin, except that an idle node pinned to the caller's
+    /// CPU on this machine goes first (docs/architecture.md, "Near nodes").
     Any,
     /// Only the node with this rank.
     Rank(u32),
@@ -260,6 +261,37 @@ impl RoundRobin {
     }
 }
 
+/// Ranks by the CPU each is pinned to (a rank under each of its CPUs, once).
+#[derive(Debug, Default)]
+struct NearIndex {
+    by_cpu: IdMap<u32, Vec<u32>>,
+}
+
+impl NearIndex {
+    /// `rank` is pinned to `cpus` from now on (none: it is not indexed any more).
+    fn set(&mut self, rank: u32, cpus: &[u32]) {
+        self.by_cpu.retain(|_, ranks| {
+            ranks.retain(|&r| r != rank);
+            !ranks.is_empty()
+        });
+        for &cpu in cpus {
+            let ranks = self.by_cpu.entry(cpu).or_default();
+            if !ranks.contains(&rank) {
+                ranks.push(rank);
+            }
+        }
+    }
+
+    /// The ranks pinned to `cpu`, in the order they were indexed.
+    fn at(&self, cpu: u32) -> impl Iterator<Item = u32> + '_ {
+        self.by_cpu.get(&cpu).into_iter().flatten().copied()
+    }
+
+    fn clear(&mut self) {
+        self.by_cpu.clear();
+    }
+}
+
 struct TmState {
     nodes: IdMap<u32, Slot>,
     /// Ready ranks with a free slot (round robin for `Placement::Any`).
@@ -267,7 +299,7 @@ struct TmState {
     /// Ready nodes on this machine pinned to a few of its CPUs (`NodeHandle::near_cpus`), by
     /// CPU. A `Placement::Any` task submitted from one of those CPUs goes to such a node when it
     /// is idle, ahead of the round robin: a sync call's hops then stay on one CPU.
-    near: IdMap<u32, Vec<u32>>,
+    near: NearIndex,
     /// Tasks for any node, in arrival order. Cancelled ids are skipped lazily.
     queue: VecDeque<TaskId>,
     /// Tasks pinned to a rank, per rank.
@@ -294,28 +326,10 @@ impl TmState {
         }
     }
 
-    /// A ready node pinned to `cpu` with nothing running.
+    /// A ready node pinned to `cpu` with nothing running and no task pinned to it waiting (a
+    /// waiting one gets the slot first, by the next drain).
     fn idle_near(&self, cpu: u32) -> Option<u32> {
-        let ranks = self.near.get(&cpu)?;
-        ranks.iter().copied().find(|rank| self.nodes.get(rank).is_some_and(|s| s.busy == 0))
-    }
-
-    /// Index `node` under each CPU it is pinned to (after any earlier entry of its rank is gone).
-    fn add_near(&mut self, node: &NodeHandle) {
-        for &cpu in &node.near_cpus {
-            self.near.entry(cpu).or_default().push(node.rank);
-        }
-    }
-
-    fn remove_near(&mut self, node: &NodeHandle) {
-        for cpu in &node.near_cpus {
-            if let Some(ranks) = self.near.get_mut(cpu) {
-                ranks.retain(|&r| r != node.rank);
-                if ranks.is_empty() {
-                    self.near.remove(cpu);
-                }
-            }
-        }
+        self.near.at(cpu).find(|rank| self.nodes.get(rank).is_some_and(|s| s.busy == 0) && !self.pinned.contains_key(rank))
     }
 
     /// `rank`'s busy count changed (or it came or went): keep `free` in step.
@@ -456,7 +470,7 @@ impl TmState {
         TmState {
             nodes: IdMap::default(),
             free: RoundRobin::default(),
-            near: IdMap::default(),
+            near: NearIndex::default(),
             queue: VecDeque::new(),
             pinned: IdMap::default(),
             tasks: IdMap::default(),
@@ -525,6 +539,7 @@ impl TmState {
         self.pinned.clear();
         self.nodes.clear();
         self.free.clear();
+        self.near.clear();
         self.members = MembersLog::default();
     }
 }
@@ -702,10 +717,7 @@ impl Actor for TaskManager {
             TmMsg::NodeReady { node } => {
                 let rank = node.rank;
                 let capacity = node.slots.max(1);
-                if let Some(earlier) = state.nodes.remove(&rank) {
-                    state.remove_near(&earlier.node);
-                }
-                state.add_near(&node);
+                state.near.set(rank, &node.near_cpus);
                 state.nodes.insert(rank, Slot { node, capacity, busy: 0 });
                 state.update_free(rank);
                 // A rank that comes back may have a new address.
@@ -715,8 +727,8 @@ impl Actor for TaskManager {
                 state.drain();
             }
             TmMsg::NodeLost { rank, in_flight } => {
+                state.near.set(rank, &[]);
                 if let Some(slot) = state.nodes.remove(&rank) {
-                    state.remove_near(&slot.node);
                     // Its tasks run elsewhere from now on, with their own objects.
                     slot.node.release_shared_memory();
                 }
@@ -826,6 +838,24 @@ mod tests {
         assert_eq!(rr.next(), Some(u32::MAX), "the highest rank wraps to itself");
         rr.clear();
         assert_eq!(rr.next(), None);
+    }
+
+    #[test]
+    fn the_near_index_holds_each_rank_once_under_its_own_cpus() {
+        let mut near = NearIndex::default();
+        near.set(0, &[0, 1]);
+        near.set(1, &[2]);
+        near.set(2, &[0]);
+        let at = |near: &NearIndex, cpu| near.at(cpu).collect::<Vec<_>>();
+        assert_eq!((at(&near, 0), at(&near, 1), at(&near, 2), at(&near, 3)), (vec![0, 2], vec![0], vec![1], vec![]));
+        // Ready again on other CPUs (a replacement): only there, once.
+        near.set(0, &[2, 2]);
+        assert_eq!((at(&near, 0), at(&near, 1), at(&near, 2)), (vec![2], vec![], vec![1, 0]));
+        // Lost: nowhere.
+        near.set(1, &[]);
+        assert_eq!((at(&near, 2), near.by_cpu.len()), (vec![0], 2));
+        near.clear();
+        assert!(near.by_cpu.is_empty());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! to place a call on a node that shares the caller's CPU (see `docs/architecture.md`, "Near
 //! nodes").
 
+#[cfg(target_os = "linux")]
 use std::collections::HashMap;
 
 /// The CPUs the calling thread may use, the hardware threads of one core next to each other
